@@ -1,0 +1,37 @@
+# Every target that needs the environment depends on `install`, so on a fresh machine
+# `make fit` and `make test` are all a user types.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint format fit tensorboard clean
+
+install: $(STAMP)
+
+# Re-installs only when pyproject.toml changes (or the venv is missing).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+fit: install
+	$(BIN)/python -m swin_lightning fit --config configs/demo.yaml
+
+tensorboard: install
+	$(BIN)/tensorboard --logdir logs --host 127.0.0.1
+
+clean:
+	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
+	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +

@@ -1,0 +1,485 @@
+"""A from-scratch Swin Transformer (Liu et al., ICCV 2021), written to be read.
+
+Pipeline: patch partition + linear embedding -> stages of Swin blocks that alternate W-MSA
+and SW-MSA (cyclic shift, attention mask, relative position bias) -> patch merging at the
+start of every stage after the first (halves the resolution, doubles the channels) -> final
+LayerNorm -> global average pool -> linear head. Everything runs channels-last
+(``B, H, W, C``). Parameter names follow timm's layout, so timm checkpoints load as they are
+and the official and torchvision layouts need only key renames (see ``pretrained.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from swin_lightning.models.windows import (
+    relative_position_index,
+    shift_attention_mask,
+    window_partition,
+    window_reverse,
+)
+
+PosEmbed = Literal["rel", "abs", "abs+rel", "none"]
+POS_EMBED_CHOICES = ("rel", "abs", "abs+rel", "none")
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise ValueError(f"expected an int or a pair of ints, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+class PatchEmbed(nn.Module):
+    """Patch partition + linear embedding as one strided convolution, output ``B, H, W, C``."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, norm: bool = True):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim) if norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(
+                f"input of {H}x{W} pixels is not divisible by patch_size={self.patch_size}; "
+                f"use an image size that is a multiple of {self.patch_size}"
+            )
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class PatchMerging(nn.Module):
+    """Concatenate each 2x2 neighbourhood (4C), LayerNorm, then a linear map 4C -> 2C."""
+
+    def __init__(self, dim: int, out_dim: int | None = None):
+        super().__init__()
+        self.out_dim = out_dim or 2 * dim
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if H % 2 or W % 2:  # odd sizes: pad one zero row/column, as the reference code does
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+            H, W = x.shape[1:3]
+        # (h, w) neighbours ordered (0,0), (1,0), (0,1), (1,1): the official x0..x3 order.
+        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.reduction(self.norm(x))
+
+
+class Mlp(nn.Module):
+    """Two-layer feed-forward network with GELU."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows, with an optional relative position bias.
+
+    The bias (``heads, N, N``) and the shift mask (``nW, N, N``) are summed into one additive
+    tensor and handed to :func:`torch.nn.functional.scaled_dot_product_attention`, so fused
+    kernels are used wherever the backend has them.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: tuple[int, int],
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        rel_pos_bias: bool = True,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.window_size = window_size
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if rel_pos_bias:
+            wh, ww = window_size
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads)
+            )
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+            self.register_buffer(
+                "relative_position_index", relative_position_index(window_size), persistent=False
+            )
+        else:
+            self.relative_position_bias_table = None
+
+    def relative_position_bias(self) -> torch.Tensor | None:
+        """The learned bias for every query/key pair of a window: ``(heads, N, N)``."""
+        if self.relative_position_bias_table is None:
+            return None
+        N = self.window_size[0] * self.window_size[1]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(N, N, self.num_heads).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: windows ``(B, nW, N, C)``; ``mask``: additive ``(nW, N, N)`` or None."""
+        B, nW, N, C = x.shape
+        h, d = self.num_heads, self.head_dim
+        qkv = self.qkv(x).view(B, nW, N, 3, h, d)
+        bias = self.relative_position_bias()
+        dropout_p = self.attn_drop if self.training else 0.0
+        if mask is None:
+            # Same bias for every window: fold windows into the batch, broadcast over it.
+            q, k, v = qkv.view(B * nW, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+            attn_mask = None if bias is None else bias.unsqueeze(0).to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+            out = out.transpose(1, 2).reshape(B, nW, N, C)
+        else:
+            # Per-window mask: fold windows into the head axis, so one (1, nW*h, N, N)
+            # tensor broadcasts over the batch instead of being copied for every image.
+            additive = mask.unsqueeze(1) if bias is None else mask.unsqueeze(1) + bias
+            additive = additive.expand(nW, h, N, N).reshape(1, nW * h, N, N)
+            q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, B, nW * h, N, d).unbind(0)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=additive.to(q.dtype), dropout_p=dropout_p
+            )
+            out = out.view(B, nW, h, N, d).transpose(2, 3).reshape(B, nW, N, C)
+        return self.proj_drop(self.proj(out))
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm Swin block: (S)W-MSA + residual, then MLP + residual, both with drop path.
+
+    As in the paper's code, a stage whose resolution is not larger than the window uses
+    a window equal to the resolution and no shift (the window is then global).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        input_resolution: tuple[int, int],
+        window_size: int,
+        shift: bool,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        rel_pos_bias: bool = True,
+    ):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.window_size = tuple(min(r, window_size) for r in input_resolution)
+        self.shift_size = tuple(
+            window_size // 2 if shift and r > window_size else 0 for r in input_resolution
+        )
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(
+            dim, num_heads, self.window_size, qkv_bias, attn_drop, proj_drop, rel_pos_bias
+        )
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+        # The shift mask only depends on the (padded) resolution: build it once for the
+        # configured one; other input sizes get theirs built and cached on first use.
+        self._mask_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        padded = self._padded(*input_resolution)
+        self.register_buffer("attn_mask", self._build_mask(*padded), persistent=False)
+
+    @property
+    def shifted(self) -> bool:
+        return any(self.shift_size)
+
+    def _padded(self, H: int, W: int) -> tuple[int, int]:
+        wh, ww = self.window_size
+        return H + (-H) % wh, W + (-W) % ww
+
+    def _build_mask(self, Hp: int, Wp: int) -> torch.Tensor | None:
+        if not self.shifted:
+            return None
+        return shift_attention_mask(Hp, Wp, self.window_size, self.shift_size)
+
+    def shift_mask(self, Hp: int, Wp: int, device: torch.device) -> torch.Tensor | None:
+        """Additive shift mask ``(nW, N, N)`` for a padded ``Hp x Wp`` grid, or None."""
+        if not self.shifted:
+            return None
+        if (Hp, Wp) == self._padded(*self.input_resolution):
+            return self.attn_mask
+        key = (Hp, Wp, device)
+        if key not in self._mask_cache:
+            self._mask_cache[key] = self._build_mask(Hp, Wp).to(device)
+        return self._mask_cache[key]
+
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[1:3]
+        Hp, Wp = self._padded(H, W)
+        if (Hp, Wp) != (H, W):
+            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
+        if self.shifted:
+            x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
+        windows = window_partition(x, self.window_size)
+        windows = self.attn(windows, self.shift_mask(Hp, Wp, x.device))
+        x = window_reverse(windows, self.window_size, Hp, Wp)
+        if self.shifted:
+            x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
+        return x[:, :H, :W] if (Hp, Wp) != (H, W) else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self._attention(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class SwinStage(nn.Module):
+    """Optional patch merging followed by ``depth`` blocks alternating W-MSA and SW-MSA."""
+
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        input_resolution: tuple[int, int],
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        downsample: bool,
+        shift: bool = True,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: Sequence[float] = (),
+        rel_pos_bias: bool = True,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.grad_checkpointing = grad_checkpointing
+        self.downsample = PatchMerging(dim, out_dim) if downsample else nn.Identity()
+        if downsample:
+            input_resolution = tuple((r + 1) // 2 for r in input_resolution)
+        self.output_resolution = input_resolution
+        drop_path = list(drop_path) or [0.0] * depth
+        self.blocks = nn.Sequential(
+            *[
+                SwinBlock(
+                    out_dim,
+                    num_heads,
+                    input_resolution,
+                    window_size,
+                    shift=shift and i % 2 == 1,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    proj_drop=proj_drop,
+                    attn_drop=attn_drop,
+                    drop_path=drop_path[i],
+                    rel_pos_bias=rel_pos_bias,
+                )
+                for i in range(depth)
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer for image classification.
+
+    Args:
+        img_size: Input image size (int or (height, width)); must be divisible by patch_size.
+        patch_size: Side of the square patches the image is partitioned into.
+        in_chans: Number of input image channels.
+        num_classes: Number of classes of the linear head (0: no head, features only).
+        embed_dim: Channels after the linear embedding; doubled by every patch merging.
+        depths: Number of Swin blocks per stage.
+        num_heads: Attention heads per stage (same length as depths).
+        window_size: Side of the square attention windows (M in the paper).
+        mlp_ratio: Hidden size of the MLP relative to the block's channels.
+        qkv_bias: Learn a bias for the query, key and value projections.
+        drop_rate: Dropout after the MLP / attention projections and before the head.
+        attn_drop_rate: Dropout on the attention weights.
+        drop_path_rate: Stochastic depth rate of the last block; rises linearly from 0.
+        shift: Alternate W-MSA with shifted-window SW-MSA (False: W-MSA only, the ablation).
+        pos_embed: Position encoding: 'rel' (relative position bias, the paper's default),
+            'abs' (learned absolute embedding), 'abs+rel' or 'none'.
+        patch_norm: LayerNorm after the patch embedding.
+        grad_checkpointing: Recompute blocks in the backward pass to save activation memory.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        shift: bool = True,
+        pos_embed: PosEmbed = "rel",
+        patch_norm: bool = True,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        img_size = _pair(img_size)
+        depths, num_heads = list(depths), list(num_heads)
+        validate_architecture(
+            img_size, patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio,
+            drop_rate, attn_drop_rate, drop_path_rate, pos_embed,
+        )  # fmt: skip
+        self.img_size = img_size
+        self.num_classes = num_classes
+        self.pos_embed = pos_embed
+        self.num_features = embed_dim * 2 ** (len(depths) - 1)
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
+        grid = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.patch_grid = grid
+        if "abs" in pos_embed:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, *grid, embed_dim))
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
+        else:
+            self.absolute_pos_embed = None
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        stages, dim, resolution = [], embed_dim, grid
+        for i, (depth, heads) in enumerate(zip(depths, num_heads, strict=True)):
+            out_dim = embed_dim * 2**i
+            stage = SwinStage(
+                dim, out_dim, resolution, depth, heads, window_size,
+                downsample=i > 0, shift=shift, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                proj_drop=drop_rate, attn_drop=attn_drop_rate,
+                drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
+                rel_pos_bias="rel" in pos_embed, grad_checkpointing=grad_checkpointing,
+            )  # fmt: skip
+            stages.append(stage)
+            dim, resolution = out_dim, stage.output_resolution
+        self.layers = nn.Sequential(*stages)
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_linear)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        """Name fragments of parameters that take no weight decay (besides norms and biases)."""
+        return {"relative_position_bias_table", "absolute_pos_embed"}
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        if self.absolute_pos_embed is not None:
+            pos = self.absolute_pos_embed
+            if pos.shape[1:3] != x.shape[1:3]:
+                pos = F.interpolate(
+                    pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic", align_corners=False
+                ).permute(0, 2, 3, 1)
+            x = x + pos
+        return self.pos_drop(x)
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Output of every stage, ``(B, H_i, W_i, C_i)``, before the final norm."""
+        x = self._embed(x)
+        outputs = []
+        for stage in self.layers:
+            x = stage(x)
+            outputs.append(x)
+        return outputs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised features of the last stage, ``(B, H, W, C)``."""
+        return self.norm(self.layers(self._embed(x)))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_drop(x.mean(dim=(1, 2))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def validate_architecture(
+    img_size: tuple[int, int],
+    patch_size: int,
+    embed_dim: int,
+    depths: list[int],
+    num_heads: list[int],
+    window_size: int,
+    mlp_ratio: float,
+    drop_rate: float,
+    attn_drop_rate: float,
+    drop_path_rate: float,
+    pos_embed: str,
+) -> None:
+    """Reject inconsistent settings before any weight is built, naming the setting at fault."""
+    if patch_size <= 0 or any(s <= 0 for s in img_size):
+        raise ValueError(f"img_size={img_size} and patch_size={patch_size} must be positive")
+    if img_size[0] % patch_size or img_size[1] % patch_size:
+        raise ValueError(
+            f"img_size={img_size} is not divisible by patch_size={patch_size}; "
+            f"valid sizes are multiples of {patch_size}"
+        )
+    if len(depths) != len(num_heads) or not depths:
+        raise ValueError(
+            f"depths={depths} and num_heads={num_heads} must be non-empty and of equal "
+            "length: one entry per stage"
+        )
+    if any(d < 1 for d in depths):
+        raise ValueError(f"depths={depths}: every stage needs at least one block")
+    for i, heads in enumerate(num_heads):
+        dim = embed_dim * 2**i
+        if heads < 1 or dim % heads:
+            raise ValueError(
+                f"stage {i} has {dim} channels (embed_dim={embed_dim} x 2^{i}), "
+                f"not divisible by num_heads[{i}]={heads}"
+            )
+    if window_size < 1:
+        raise ValueError(f"window_size={window_size} must be >= 1")
+    if mlp_ratio <= 0:
+        raise ValueError(f"mlp_ratio={mlp_ratio} must be > 0")
+    for name, rate in (
+        ("drop_rate", drop_rate),
+        ("attn_drop_rate", attn_drop_rate),
+        ("drop_path_rate", drop_path_rate),
+    ):
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"{name}={rate} must be in [0, 1)")
+    if pos_embed not in POS_EMBED_CHOICES:
+        raise ValueError(f"pos_embed={pos_embed!r} is not one of {', '.join(POS_EMBED_CHOICES)}")

@@ -1,0 +1,63 @@
+"""The shifted-window attention mask, checked by what each output token can see."""
+
+import torch
+from torch.autograd.functional import jacobian
+
+from swin_lightning.models.swin import SwinBlock
+from swin_lightning.models.windows import shift_attention_mask
+
+H = W = 8
+WINDOW = 4
+
+
+def dependency(block: SwinBlock) -> torch.Tensor:
+    """(H*W, H*W) boolean: does the attention output at token p depend on input token q?"""
+    torch.manual_seed(0)
+    x = torch.randn(1, H, W, 8, dtype=torch.float64)
+    jac = jacobian(block._attention, x)  # (1, H, W, C, 1, H, W, C)
+    strength = jac.abs().sum(dim=(0, 3, 4, 7)).reshape(H * W, H * W)
+    return strength > 1e-20
+
+
+def expected_dependency(shift: int) -> torch.Tensor:
+    """From first principles: same (shifted) window and not wrapped around the image border."""
+    coords = [(i, j) for i in range(H) for j in range(W)]
+    out = torch.zeros(H * W, H * W, dtype=torch.bool)
+    for p, (pi, pj) in enumerate(coords):
+        for q, (qi, qj) in enumerate(coords):
+            same_window = ((pi - shift) % H) // WINDOW == ((qi - shift) % H) // WINDOW and (
+                (pj - shift) % W
+            ) // WINDOW == ((qj - shift) % W) // WINDOW
+            neighbours = abs(pi - qi) < WINDOW and abs(pj - qj) < WINDOW
+            out[p, q] = same_window and neighbours
+    return out
+
+
+def make_block(shift: bool) -> SwinBlock:
+    torch.manual_seed(0)
+    return SwinBlock(8, 2, (H, W), WINDOW, shift=shift).double().eval()
+
+
+def test_shifted_window_never_mixes_source_regions():
+    block = make_block(shift=True)
+    assert block.shift_size == (2, 2)
+    dep = dependency(block)
+    assert torch.equal(dep, expected_dependency(shift=2))
+    # A concrete pair: (7, 7) and (0, 0) share a window after the cyclic shift, but they are
+    # opposite corners of the image, so neither may attend to the other.
+    assert not dep[7 * W + 7, 0] and not dep[0, 7 * W + 7]
+    assert dep[7 * W + 7, 6 * W + 6]
+
+
+def test_no_shift_uses_no_mask_and_plain_windows():
+    block = make_block(shift=False)
+    assert block.attn_mask is None and block.shift_mask(H, W, torch.device("cpu")) is None
+    assert torch.equal(dependency(block), expected_dependency(shift=0))
+
+
+def test_mask_values():
+    mask = shift_attention_mask(H, W, (WINDOW, WINDOW), (2, 2))
+    assert mask.shape == (4, 16, 16)
+    assert (mask[0] == 0).all()  # the top-left window holds no wrapped tokens
+    assert set(mask.unique().tolist()) == {-100.0, 0.0}
+    assert torch.equal(mask, mask.transpose(1, 2))
