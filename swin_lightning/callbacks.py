@@ -1,0 +1,76 @@
+"""Callbacks the CLI adds by default: image throughput and the predictions CSV."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
+
+
+def images_in_batch(batch: Any) -> int:
+    """Batch size of an ``(images, targets)`` batch."""
+    return int(batch[0].shape[0])
+
+
+class ImageThroughputMonitor(ThroughputMonitor):
+    """Lightning's ThroughputMonitor counting images: logs samples/s and batches/s.
+
+    Args:
+        window_size: Number of batches the rates are averaged over.
+    """
+
+    def __init__(self, window_size: int = 20):
+        super().__init__(batch_size_fn=images_in_batch, window_size=window_size)
+
+
+class PredictionCSVWriter(BasePredictionWriter):
+    """Writes ``predict`` results as a CSV: image path, then top-k classes and probabilities.
+
+    Args:
+        output: CSV path; default ``<log_dir>/predictions.csv`` of the run.
+        top_k: How many classes per image.
+    """
+
+    def __init__(self, output: str | None = None, top_k: int = 5):
+        super().__init__(write_interval="epoch")
+        if top_k < 1:
+            raise ValueError(f"prediction_writer.top_k={top_k} must be >= 1")
+        self.output = output
+        self.top_k = top_k
+        self.written: Path | None = None
+
+    def write_on_epoch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        predictions: Sequence[Any],
+        batch_indices: Sequence[Any],
+    ) -> None:
+        datamodule = trainer.datamodule
+        paths = datamodule.predict_set.paths
+        classes = list(datamodule.classes) or [str(i) for i in range(pl_module.net.num_classes)]
+        indices = torch.cat([p["indices"] for p in predictions]).tolist()
+        probs = torch.cat([p["probs"] for p in predictions]).float().cpu()
+        k = min(self.top_k, probs.shape[1])
+        top_p, top_i = probs.topk(k, dim=1)
+        out = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.csv"
+        if trainer.world_size > 1:
+            out = out.with_name(f"{out.stem}.rank{trainer.global_rank}{out.suffix}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", newline="") as f:
+            writer = csv.writer(f)
+            header = ["path"]
+            for j in range(1, k + 1):
+                header += [f"class_{j}", f"prob_{j}"]
+            writer.writerow(header)
+            for row, index in enumerate(indices):
+                line = [str(paths[index])]
+                for j in range(k):
+                    line += [classes[int(top_i[row, j])], f"{float(top_p[row, j]):.6f}"]
+                writer.writerow(line)
+        self.written = out

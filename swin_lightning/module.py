@@ -1,0 +1,225 @@
+"""The LightningModule: a Swin classifier with its loss, metrics, optimizer and LR schedule."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from swin_lightning.models import SwinTransformer, count_flops, load_pretrained
+
+STAGES = ("train", "val", "test")
+
+
+def weight_decay_groups(
+    model: nn.Module, skip_keywords: set[str] | None = None
+) -> list[dict[str, Any]]:
+    """Split parameters into a decayed group and one with ``weight_decay=0``.
+
+    No decay for norms and biases (every parameter with fewer than 2 dimensions) and for
+    parameters whose name contains one of ``skip_keywords`` (relative position bias tables,
+    absolute position embeddings).
+    """
+    skip_keywords = skip_keywords or set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or any(k in name for k in skip_keywords):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _callable_target(fn: Callable) -> Callable:
+    """The class behind a jsonargparse/functools partial (or the callable itself)."""
+    if isinstance(fn, functools.partial):
+        return next((a for a in fn.args if isinstance(a, type)), fn.func)
+    return fn
+
+
+def _unset_arguments(fn: Callable, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` the callable accepts and the config left unset (-1 or None)."""
+    try:
+        params = inspect.signature(_callable_target(fn)).parameters
+    except (TypeError, ValueError):
+        return []
+    given = fn.keywords if isinstance(fn, functools.partial) else {}
+    return [n for n in names if n in params and given.get(n, params[n].default) in (-1, None)]
+
+
+class SwinClassifier(L.LightningModule):
+    """Image classification with a Swin Transformer.
+
+    Args:
+        net: The Swin Transformer; its constructor arguments are the YAML keys under
+            ``model.net`` (``img_size`` and ``num_classes`` come from the data module).
+        optimizer: Optimizer class and arguments (AdamW by default). Weight decay is not
+            applied to norms, biases and position tables.
+        lr_scheduler: Schedule stepped every optimizer step, e.g.
+            ``swin_lightning.schedules.WarmupCosineLR``; its ``total_steps`` and
+            ``steps_per_epoch`` are filled in from the trainer. None: constant rate.
+        label_smoothing: Label smoothing of the cross-entropy loss (also of Mixup targets).
+        mixup_alpha: Mixup alpha; > 0 enables Mixup (timm) and the soft-target loss.
+        cutmix_alpha: CutMix alpha; > 0 enables CutMix (timm).
+        mixup_prob: Probability of applying Mixup or CutMix to a batch.
+        mixup_switch_prob: Probability of CutMix instead of Mixup when both are enabled.
+        mixup_mode: Mix per 'batch', 'pair' or 'elem'.
+        lr_scale_batch_size: If set, linear LR scaling: every learning rate (and min_lr) is
+            multiplied by global_batch / lr_scale_batch_size (the paper: 512).
+        pretrained: Path to official, timm, torchvision or swin_lightning weights to start
+            from (loaded before training; see ``swin_lightning.models.load_pretrained``).
+        compile: Compile the network with ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        net: SwinTransformer,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        mixup_mode: Literal["batch", "pair", "elem"] = "batch",
+        lr_scale_batch_size: int | None = None,
+        pretrained: str | None = None,
+        compile: bool = False,
+    ):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+        if lr_scale_batch_size is not None and lr_scale_batch_size <= 0:
+            raise ValueError(f"lr_scale_batch_size={lr_scale_batch_size} must be > 0")
+        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
+        self.net = net
+        if pretrained:
+            load_pretrained(net, pretrained)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        num_classes = net.num_classes
+        self.mixup = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            self.mixup = Mixup(
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                prob=mixup_prob,
+                switch_prob=mixup_switch_prob,
+                mode=mixup_mode,
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+            self.train_loss = SoftTargetCrossEntropy()
+        else:
+            self.train_loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.eval_loss = nn.CrossEntropyLoss()
+        top_k = min(5, num_classes)
+        for stage in STAGES:  # one collection per stage, so each is reset and synced alone
+            metrics = MetricCollection(
+                {
+                    "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                    "acc5": MulticlassAccuracy(num_classes, top_k=top_k, average="micro"),
+                },
+                prefix=f"{stage}/",
+            )
+            setattr(self, f"{stage}_metrics", metrics)
+        self.forward_net = torch.compile(net) if compile else net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_net(x)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            # Read by ThroughputMonitor to log FLOP/s; backward costs about twice the forward.
+            in_chans = self.net.patch_embed.proj.in_channels
+            forward = count_flops(self.net, (in_chans, *self.net.img_size))
+            batch_size = getattr(self.trainer.datamodule, "batch_size", 1)
+            self.flops_per_batch = 3 * forward * batch_size
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        images, targets = batch
+        inputs, soft_targets = images, targets
+        if self.mixup is not None:
+            if images.shape[0] % 2:
+                raise ValueError(
+                    f"Mixup/CutMix needs an even batch size, got {images.shape[0]}: set "
+                    "data.batch_size even (and drop_last on, the default for training)"
+                )
+            inputs, soft_targets = self.mixup(images, targets)
+        logits = self(inputs)
+        loss = self.train_loss(logits, soft_targets)
+        self._log_step("train", loss, logits, targets)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        self._eval_step("test", batch)
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        images, indices = batch
+        return {"indices": indices, "probs": self(images).softmax(dim=-1)}
+
+    def _eval_step(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        images, targets = batch
+        logits = self(images)
+        self._log_step(stage, self.eval_loss(logits, targets), logits, targets)
+
+    def _log_step(self, stage: str, loss: torch.Tensor, logits: torch.Tensor, targets) -> None:
+        # With Mixup, training accuracy is measured against the unmixed labels.
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(logits.detach(), targets)
+        # Training loss per step (the curve to watch), evaluation loss per epoch.
+        train = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=not train, sync_dist=not train)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
+
+    # ------------------------------------------------------------------ optimisation
+    def lr_scale(self) -> float:
+        """Factor for linear LR scaling: global batch / lr_scale_batch_size (1 if off)."""
+        base = self.hparams.lr_scale_batch_size
+        if base is None:
+            return 1.0
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if batch_size is None:
+            raise ValueError("lr_scale_batch_size needs a data module with a batch_size")
+        trainer = self.trainer
+        global_batch = batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        return global_batch / base
+
+    def configure_optimizers(self):
+        groups = weight_decay_groups(self.net, self.net.no_weight_decay_keywords())
+        optimizer = self.optimizer_factory(groups)
+        scale = self.lr_scale()
+        for group in optimizer.param_groups:
+            group["lr"] *= scale
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        batches = self.trainer.num_training_batches
+        accumulate = self.trainer.accumulate_grad_batches
+        steps_per_epoch = max(1, -(-int(batches) // accumulate)) if batches != float("inf") else 1
+        context = {
+            "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch,
+            "lr_scale": scale,
+        }
+        unset = _unset_arguments(self.scheduler_factory, tuple(context))
+        scheduler = self.scheduler_factory(optimizer, **{k: context[k] for k in unset})
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }

@@ -1,0 +1,82 @@
+"""Shared fixtures: datasets written in their real on-disk formats, and the CLI in-process."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from swin_lightning.cli import cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def write_cifar(root: Path, hundred: bool = False, n_train: int = 50, n_test: int = 20) -> Path:
+    """CIFAR-10/100 python pickles (the layout of the official archives) with random pixels."""
+    rng = np.random.default_rng(0)
+    n_classes = 100 if hundred else 10
+    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = "fine_labels" if hundred else "labels"
+
+    def batch(n: int) -> dict:
+        return {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            key: rng.integers(0, n_classes, n).tolist(),
+        }
+
+    files = {"train": batch(n_train), "test": batch(n_test)} if hundred else {
+        **{f"data_batch_{i}": batch(n_train // 5) for i in range(1, 6)},
+        "test_batch": batch(n_test),
+    }  # fmt: skip
+    names = [f"class{i}" for i in range(n_classes)]
+    files["meta" if hundred else "batches.meta"] = (
+        {"fine_label_names": names} if hundred else {"label_names": names}
+    )
+    for name, content in files.items():
+        with open(folder / name, "wb") as f:
+            pickle.dump(content, f)
+    return root
+
+
+def write_imagefolder(
+    root: Path, classes=("cat", "dog", "ship"), per_class: int = 4, size: int = 40, fmt: str = "png"
+) -> Path:
+    """root/{train,val}/<class>/<n>.<fmt> with random RGB images."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in classes:
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(d / f"{i}.{fmt}")
+    return root
+
+
+def run_cli(*args: str, run: bool = True):
+    """Call the CLI in-process, quietly; returns the LightningCLI object."""
+    return cli_main([*args, *QUIET], run=run) if run else cli_main(list(args), run=False)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run in a temporary folder, so logs/ and checkpoints land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# A demo run cut down to seconds: small data, two short epochs.
+TINY_DEMO = [
+    "--config", str(CONFIGS / "demo.yaml"),
+    "--data.init_args.train_size=64",
+    "--data.init_args.val_size=32",
+    "--data.init_args.batch_size=16",
+    "--trainer.max_epochs=2",
+    "--trainer.log_every_n_steps=1",
+]  # fmt: skip

@@ -1,0 +1,88 @@
+"""Every YAML under configs/ parses; every complete config trains one batch on its data."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.conftest import CONFIGS, run_cli, write_cifar, write_imagefolder
+
+ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+COMPLETE = [p for p in ALL_CONFIGS if {"model", "data"} <= set(yaml.safe_load(p.read_text()))]
+OVERLAYS = [p for p in ALL_CONFIGS if p not in COMPLETE]
+
+
+def config_id(path):
+    return str(path.relative_to(CONFIGS))
+
+
+def data_args(config, tmp_path) -> list[str]:
+    """Point a complete config at data generated in its real on-disk format."""
+    name = config_id(config)
+    if name.startswith("cifar"):
+        write_cifar(tmp_path / "data", hundred=name.startswith("cifar100"))
+        return [f"--data.init_args.data_dir={tmp_path / 'data'}", "--data.init_args.download=false"]
+    if name.startswith(("imagenet", "imagefolder")):
+        fmt = "jpg" if name.startswith("imagenet") else "png"
+        write_imagefolder(tmp_path / "images", fmt=fmt)
+        return [f"--data.init_args.root={tmp_path / 'images'}"]
+    return []
+
+
+def test_configs_found():
+    names = {config_id(p) for p in ALL_CONFIGS}
+    assert {"demo.yaml", "cifar10.yaml", "cifar100.yaml", "imagefolder.yaml"} <= names
+    assert {f"imagenet/swin_{s}.yaml" for s in "tsbl"} <= names
+    assert {"ablations/no_shift.yaml", "trainer/fast_dev_run.yaml", "trainer/ddp.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", COMPLETE, ids=config_id)
+def test_complete_config_parses(config, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", str(config), *data_args(config, tmp_path), "--print_config")
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["net"]["class_path"] == "swin_lightning.models.SwinTransformer"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=config_id)
+def test_overlay_composes_with_demo(overlay, capsys):
+    with pytest.raises(SystemExit):
+        run_cli("fit", "--config", str(CONFIGS / "demo.yaml"), "--config", str(overlay),
+                "--print_config")  # fmt: skip
+    printed = yaml.safe_load(capsys.readouterr().out)
+    wanted = yaml.safe_load(overlay.read_text())
+    for section, values in wanted.items():
+        target = printed[section]["net"]["init_args"] if "net" in values else printed[section]
+        for key, value in values.get("net", values).items():
+            assert target[key] == value, (section, key)
+
+
+def _fast_dev_run(config, tmp_path, *extra):
+    cli = run_cli(
+        "fit", "--config", str(config), *data_args(config, tmp_path),
+        "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu",
+        "--data.init_args.num_workers=0", "--data.init_args.batch_size=4", *extra,
+    )  # fmt: skip
+    assert cli.trainer.state.finished
+    assert cli.trainer.global_step == 1
+    return cli
+
+
+FAST = [p for p in COMPLETE if not config_id(p).startswith("imagenet")]
+IMAGENET = [p for p in COMPLETE if config_id(p).startswith("imagenet")]
+
+
+@pytest.mark.parametrize("config", FAST, ids=config_id)
+def test_fast_dev_run(config, in_tmp):
+    cli = _fast_dev_run(config, in_tmp)
+    data = cli.datamodule
+    assert cli.model.net.num_classes == data.num_classes
+    assert cli.model.net.img_size == (data.image_size, data.image_size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", IMAGENET, ids=config_id)
+def test_fast_dev_run_imagenet_recipes(config, in_tmp):
+    cli = _fast_dev_run(config, in_tmp, "--data.init_args.image_size=64")
+    assert cli.model.mixup is not None and cli.trainer.gradient_clip_val == 5.0
