@@ -42,21 +42,20 @@ def weight_decay_groups(
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _callable_target(fn: Callable) -> Callable:
-    """The class behind a jsonargparse/functools partial (or the callable itself)."""
-    if isinstance(fn, functools.partial):
-        return next((a for a in fn.args if isinstance(a, type)), fn.func)
-    return fn
+def _unset_arguments(factory: Callable, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` the factory takes and its config left unset (-1 or None).
 
-
-def _unset_arguments(fn: Callable, names: tuple[str, ...]) -> list[str]:
-    """Which of ``names`` the callable accepts and the config left unset (-1 or None)."""
+    jsonargparse hands callables over as ``functools.partial`` objects holding every resolved
+    argument (inherited ones included), so their keywords are the source of truth.
+    """
+    if isinstance(factory, functools.partial):
+        given = factory.keywords
+        return [n for n in names if n in given and given[n] in (-1, None)]
     try:
-        params = inspect.signature(_callable_target(fn)).parameters
+        params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         return []
-    given = fn.keywords if isinstance(fn, functools.partial) else {}
-    return [n for n in names if n in params and given.get(n, params[n].default) in (-1, None)]
+    return [n for n in names if n in params and params[n].default in (-1, None)]
 
 
 class SwinClassifier(L.LightningModule):
@@ -136,17 +135,18 @@ class SwinClassifier(L.LightningModule):
             )
             setattr(self, f"{stage}_metrics", metrics)
         self.forward_net = torch.compile(net) if compile else net
+        # Lets Lightning's model summary report output shapes and FLOPs.
+        self.example_input_array = torch.zeros(1, net.patch_embed.proj.in_channels, *net.img_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_net(x)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit":
-            # Read by ThroughputMonitor to log FLOP/s; backward costs about twice the forward.
-            in_chans = self.net.patch_embed.proj.in_channels
-            forward = count_flops(self.net, (in_chans, *self.net.img_size))
-            batch_size = getattr(self.trainer.datamodule, "batch_size", 1)
-            self.flops_per_batch = 3 * forward * batch_size
+        # Read by ThroughputMonitor to log FLOP/s; a backward costs about twice the forward.
+        in_chans = self.net.patch_embed.proj.in_channels
+        forward = count_flops(self.net, (in_chans, *self.net.img_size))
+        batch_size = getattr(self.trainer.datamodule, "batch_size", 1)
+        self.flops_per_batch = (3 if stage == "fit" else 1) * forward * batch_size
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         images, targets = batch

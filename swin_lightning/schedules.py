@@ -101,27 +101,16 @@ class WarmupStepLR(WarmupLR):
     Args:
         step_epochs: Epochs between two decays.
         gamma: Multiplicative decay.
+        **kwargs: Warmup and length arguments of :class:`WarmupLR`.
     """
 
     def __init__(
-        self,
-        optimizer: Optimizer,
-        step_epochs: float = 30.0,
-        gamma: float = 0.1,
-        warmup_epochs: float = 0.0,
-        warmup_start_factor: float = 0.001,
-        min_lr: float = 0.0,
-        total_steps: int = -1,
-        steps_per_epoch: int = -1,
-        lr_scale: float | None = None,
+        self, optimizer: Optimizer, step_epochs: float = 30.0, gamma: float = 0.1, **kwargs
     ):
         if step_epochs <= 0:
             raise ValueError(f"step_epochs={step_epochs} must be > 0")
         self.step_epochs, self.gamma = step_epochs, gamma
-        super().__init__(
-            optimizer, warmup_epochs, warmup_start_factor, min_lr, total_steps,
-            steps_per_epoch, lr_scale,
-        )  # fmt: skip
+        super().__init__(optimizer, **kwargs)
 
     def decay(self, progress: float, step: int) -> float:
         epoch = (step - self.warmup_steps) / self.steps_per_epoch
@@ -134,6 +123,7 @@ class WarmupMultiStepLR(WarmupLR):
     Args:
         milestones: Epochs (counted from the start of training) at which the rate decays.
         gamma: Multiplicative decay.
+        **kwargs: Warmup and length arguments of :class:`WarmupLR`.
     """
 
     def __init__(
@@ -141,18 +131,10 @@ class WarmupMultiStepLR(WarmupLR):
         optimizer: Optimizer,
         milestones: Sequence[float] = (30.0, 60.0, 90.0),
         gamma: float = 0.1,
-        warmup_epochs: float = 0.0,
-        warmup_start_factor: float = 0.001,
-        min_lr: float = 0.0,
-        total_steps: int = -1,
-        steps_per_epoch: int = -1,
-        lr_scale: float | None = None,
+        **kwargs,
     ):
         self.milestones, self.gamma = sorted(milestones), gamma
-        super().__init__(
-            optimizer, warmup_epochs, warmup_start_factor, min_lr, total_steps,
-            steps_per_epoch, lr_scale,
-        )  # fmt: skip
+        super().__init__(optimizer, **kwargs)
 
     def decay(self, progress: float, step: int) -> float:
         epoch = step / self.steps_per_epoch

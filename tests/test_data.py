@@ -88,3 +88,16 @@ def test_embedded_bad_settings():
         EmbeddedShapesDataModule(num_classes=11)
     with pytest.raises(ValueError, match=r"data\.batch_size=0 must be > 0"):
         EmbeddedShapesDataModule(batch_size=0)
+
+
+def test_paper_randaugment_policy_runs_at_every_magnitude():
+    # '-inc1' posterize keeps 4 - 4*level/10 bits: 0 bits at the top magnitude.
+    from PIL import Image
+    from timm.data import create_transform
+    from timm.data.auto_augment import posterize
+
+    img = Image.new("RGB", (32, 32), (200, 100, 50))
+    assert posterize(img, 0).getpixel((0, 0)) == (0, 0, 0)
+    transform = create_transform(32, is_training=True, auto_augment="rand-m10-n8-inc1")
+    for _ in range(20):
+        assert transform(img).shape == (3, 32, 32)

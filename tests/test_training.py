@@ -80,6 +80,27 @@ def test_schedule_is_sized_from_trainer_with_accumulation(in_tmp):
     assert record.lrs == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("class_path", "extra"),
+    [
+        ("swin_lightning.schedules.WarmupCosineLR", []),
+        ("swin_lightning.schedules.WarmupLinearLR", []),
+        ("swin_lightning.schedules.WarmupLR", []),
+        ("swin_lightning.schedules.WarmupStepLR", ["--model.lr_scheduler.init_args.step_epochs=1"]),
+        ("swin_lightning.schedules.WarmupMultiStepLR",
+         ["--model.lr_scheduler.init_args.milestones=[1]"]),
+        ("torch.optim.lr_scheduler.OneCycleLR", ["--model.lr_scheduler.init_args.max_lr=0.01"]),
+    ],
+)  # fmt: skip
+def test_every_schedule_is_sized_by_the_trainer(in_tmp, class_path, extra):
+    cli = run_cli("fit", *TINY_DEMO, f"--model.lr_scheduler={class_path}", *extra,
+                  "--trainer.limit_val_batches=1")  # fmt: skip
+    sched = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert cli.trainer.lr_scheduler_configs[0].interval == "step"
+    assert sched.total_steps == cli.trainer.global_step == 8
+    assert sched.last_epoch == 8  # stepped once per optimizer step
+
+
 def test_weight_decay_groups_exclude_norms_biases_and_position_tables():
     model = create_model("swin_cifar", num_classes=10, pos_embed="abs+rel")
     decay, no_decay = weight_decay_groups(model, model.no_weight_decay_keywords())
