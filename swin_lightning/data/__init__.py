@@ -1,0 +1,16 @@
+"""Data modules: CIFAR-10/100, ImageFolder/ImageNet and an embedded procedural dataset."""
+
+from swin_lightning.data.base import ClassificationDataModule, ImageListDataset
+from swin_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from swin_lightning.data.embedded import EmbeddedShapesDataModule, WindowPairsDataModule
+from swin_lightning.data.imagefolder import ImageFolderDataModule
+
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "ClassificationDataModule",
+    "EmbeddedShapesDataModule",
+    "ImageFolderDataModule",
+    "ImageListDataset",
+    "WindowPairsDataModule",
+]

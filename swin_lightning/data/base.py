@@ -1,0 +1,111 @@
+"""Shared plumbing of the classification data modules: loaders and the predict folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class ImageListDataset(Dataset):
+    """Every image file below ``root`` (sorted), yielding ``(image, index)`` for prediction."""
+
+    def __init__(self, root: str | Path, transform: Callable):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"predict_dir {root} does not exist or is not a folder")
+        self.paths = sorted(
+            p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not self.paths:
+            raise FileNotFoundError(
+                f"predict_dir {root} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})"
+            )
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        with Image.open(self.paths[index]) as img:
+            return self.transform(img.convert("RGB")), index
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Base of the data modules: batch size, workers, loaders and the predict folder.
+
+    Subclasses set ``image_size``, ``num_classes`` and ``classes`` in ``__init__`` (they are
+    linked into the model before it is built), fill ``train_set``/``val_set``/``test_set`` in
+    ``setup`` and provide ``eval_transform`` (used for ``predict_dir`` images).
+
+    Args:
+        batch_size: Images per device and step.
+        num_workers: Data-loading worker processes.
+        pin_memory: Pin host memory for faster copies to the GPU.
+        predict_dir: Folder of images for ``predict`` (searched recursively).
+    """
+
+    image_size: int
+    num_classes: int
+    classes: Sequence[str]
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        predict_dir: str | None = None,
+    ):
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"data.batch_size={batch_size} must be > 0")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be >= 0")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.predict_dir = predict_dir
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self.predict_set: ImageListDataset | None = None
+
+    def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        if stage == "predict":
+            if self.predict_dir is None:
+                raise ValueError("predict needs data.predict_dir: a folder of images")
+            self.predict_set = ImageListDataset(self.predict_dir, self.eval_transform())
+
+    def _loader(self, dataset: Dataset | None, train: bool = False) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not created this split")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_set)
