@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format fit tensorboard clean
+.PHONY: install test lint format fit ablate tensorboard clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ format: install
 
 fit: install
 	$(BIN)/python -m swin_lightning fit --config configs/demo.yaml
+
+# Shift vs no shift on the embedded window-border task, 3 seeds each; re-running skips
+# finished runs. Report: logs/shift/report.md, report.csv, val_acc1.png.
+ablate: install
+	$(BIN)/python -m swin_lightning ablate --config configs/ablations/window_pairs.yaml configs/ablations/specs/shift.yaml
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir logs --host 127.0.0.1

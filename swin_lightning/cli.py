@@ -7,7 +7,11 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from swin_lightning.callbacks import ImageThroughputMonitor, PredictionCSVWriter
+from swin_lightning.callbacks import (
+    ImageThroughputMonitor,
+    PredictionCSVWriter,
+    WindowAttentionImages,
+)
 from swin_lightning.data import ClassificationDataModule
 from swin_lightning.module import SwinClassifier
 
@@ -46,6 +50,7 @@ class SwinCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(ImageThroughputMonitor, "throughput")
         parser.add_lightning_class_args(PredictionCSVWriter, "prediction_writer")
+        parser.add_lightning_class_args(WindowAttentionImages, "attention_images")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Add a rich progress bar unless the bar is off or the config brings its own."""

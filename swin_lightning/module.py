@@ -144,9 +144,16 @@ class SwinClassifier(L.LightningModule):
     def setup(self, stage: str) -> None:
         # Read by ThroughputMonitor to log FLOP/s; a backward costs about twice the forward.
         in_chans = self.net.patch_embed.proj.in_channels
-        forward = count_flops(self.net, (in_chans, *self.net.img_size))
+        self.forward_flops = count_flops(self.net, (in_chans, *self.net.img_size))
         batch_size = getattr(self.trainer.datamodule, "batch_size", 1)
-        self.flops_per_batch = (3 if stage == "fit" else 1) * forward * batch_size
+        self.flops_per_batch = (3 if stage == "fit" else 1) * self.forward_flops * batch_size
+
+    def on_fit_start(self) -> None:
+        # Model size in the run's own logs, so reports can be built from event files alone.
+        if self.logger is not None:
+            params = sum(p.numel() for p in self.net.parameters())
+            gmacs = self.forward_flops / 2 / 1e9  # multiply-adds per image, as in the paper
+            self.logger.log_metrics({"model/params": params, "model/gmacs": gmacs}, step=0)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         images, targets = batch

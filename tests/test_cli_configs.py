@@ -7,7 +7,8 @@ import yaml
 
 from tests.conftest import CONFIGS, run_cli, write_cifar, write_imagefolder
 
-ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+# Ablation specs (configs/ablations/specs) are not CLI configs: tests/test_ablation.py reads them.
+ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if "specs" not in p.parts)
 COMPLETE = [p for p in ALL_CONFIGS if {"model", "data"} <= set(yaml.safe_load(p.read_text()))]
 OVERLAYS = [p for p in ALL_CONFIGS if p not in COMPLETE]
 

@@ -61,3 +61,19 @@ def test_mask_values():
     assert (mask[0] == 0).all()  # the top-left window holds no wrapped tokens
     assert set(mask.unique().tolist()) == {-100.0, 0.0}
     assert torch.equal(mask, mask.transpose(1, 2))
+
+
+def test_attention_weights_across_regions_are_zero():
+    block = make_block(shift=True)
+    x = torch.randn(2, H, W, 8, dtype=torch.float64)
+    probs = block.attention_probs(x)  # (B, nW, heads, N, N)
+    mask = block.shift_mask(H, W, x.device)  # (nW, N, N)
+    across = (mask != 0)[None, :, None].expand_as(probs)
+    assert across.any()
+    assert probs[across].max() < 1e-30  # exp(-100) relative to in-region weights
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+    # The explicit weights agree with the fused SDPA path the forward pass uses.
+    windows, _, mask = block.to_windows(block.norm1(x))
+    v = block.attn.qkv(windows).view(*windows.shape[:3], 3, 2, 4)[..., 2, :, :]
+    manual = (probs @ v.transpose(2, 3)).transpose(2, 3).reshape(windows.shape)
+    torch.testing.assert_close(block.attn.proj(manual), block.attn(windows, mask))

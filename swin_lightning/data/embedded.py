@@ -160,7 +160,6 @@ class EmbeddedShapesDataModule(ClassificationDataModule):
             self.test_set = self.make_split("test")
 
 
-
 # Bar colours of the window-border task: distinct, bright, on a dark noisy background.
 PAIR_COLOURS = torch.tensor(
     [[1.0, 0.2, 0.2], [0.2, 1.0, 0.2], [0.3, 0.4, 1.0], [1.0, 1.0, 0.2], [1.0, 0.3, 1.0]]

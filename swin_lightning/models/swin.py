@@ -138,6 +138,19 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(N, N, self.num_heads).permute(2, 0, 1)
 
+    def attention_probs(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The softmax weights ``(B, nW, heads, N, N)``, computed explicitly (for pictures)."""
+        B, nW, N, _ = x.shape
+        qkv = self.qkv(x).view(B, nW, N, 3, self.num_heads, self.head_dim)
+        q, k, _ = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
+        logits = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+        bias = self.relative_position_bias()
+        if bias is not None:
+            logits = logits + bias
+        if mask is not None:
+            logits = logits + mask.unsqueeze(1)
+        return logits.softmax(dim=-1)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: windows ``(B, nW, N, C)``; ``mask``: additive ``(nW, N, N)`` or None."""
         B, nW, N, C = x.shape
@@ -228,19 +241,32 @@ class SwinBlock(nn.Module):
             self._mask_cache[key] = self._build_mask(Hp, Wp).to(device)
         return self._mask_cache[key]
 
-    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+    def to_windows(self, x: torch.Tensor):
+        """Pad, cyclic-shift and partition ``(B, H, W, C)``: windows, padded size, shift mask."""
         H, W = x.shape[1:3]
         Hp, Wp = self._padded(H, W)
         if (Hp, Wp) != (H, W):
             x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
         if self.shifted:
             x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
-        windows = window_partition(x, self.window_size)
-        windows = self.attn(windows, self.shift_mask(Hp, Wp, x.device))
+        return window_partition(x, self.window_size), (Hp, Wp), self.shift_mask(Hp, Wp, x.device)
+
+    def from_windows(self, windows: torch.Tensor, H: int, W: int, Hp: int, Wp: int):
+        """Inverse of :meth:`to_windows`: merge, reverse the shift, crop the padding."""
         x = window_reverse(windows, self.window_size, Hp, Wp)
         if self.shifted:
             x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
         return x[:, :H, :W] if (Hp, Wp) != (H, W) else x
+
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        windows, (Hp, Wp), mask = self.to_windows(x)
+        return self.from_windows(self.attn(windows, mask), *x.shape[1:3], Hp, Wp)
+
+    @torch.no_grad()
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention weights ``(B, nW, heads, N, N)`` for the block's input ``x`` (pictures)."""
+        windows, _, mask = self.to_windows(self.norm1(x))
+        return self.attn.attention_probs(windows, mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self._attention(self.norm1(x)))

@@ -1,0 +1,145 @@
+"""Pictures of windows, the cyclic shift, the attention mask and attention maps.
+
+Used by the TensorBoard callback (:class:`swin_lightning.callbacks.WindowAttentionImages`)
+and by the notebooks. Every function returns a matplotlib ``Figure`` built without pyplot, so
+nothing here changes the global backend or keeps figures alive.
+"""
+
+from __future__ import annotations
+
+import torch
+from matplotlib.figure import Figure
+
+from swin_lightning.models.swin import SwinBlock, SwinTransformer
+from swin_lightning.models.windows import shift_region_ids
+
+
+def _figure(rows: int, cols: int, width: float, height: float):
+    fig = Figure(figsize=(width, height), dpi=100)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _window_lines(ax, H: int, W: int, window: tuple[int, int], offset: tuple[int, int] = (0, 0)):
+    for r in range(offset[0] % window[0], H + 1, window[0]):
+        ax.axhline(r - 0.5, color="white", lw=2)
+    for c in range(offset[1] % window[1], W + 1, window[1]):
+        ax.axvline(c - 0.5, color="white", lw=2)
+
+
+def plot_windows(block: SwinBlock, shifted: SwinBlock | None = None) -> Figure:
+    """Token grid of a stage: W-MSA windows, SW-MSA windows, and the shift's regions.
+
+    Left: the regular partition. Middle: the shifted partition drawn on the image (windows
+    offset by half a window). Right: the image after the cyclic shift, coloured by the
+    region each token came from; tokens of different colours share a window but must not
+    attend to each other, which is what the attention mask enforces.
+    """
+    H, W = block._padded(*block.input_resolution)
+    panels = 3 if shifted is not None and shifted.shifted else 1
+    fig, axes = _figure(1, panels, 4 * panels, 4)
+    axes = axes[0]
+    checker = (torch.arange(H)[:, None] // block.window_size[0] + torch.arange(W)[None] // block.window_size[1]) % 2  # fmt: skip
+    axes[0].imshow(checker, cmap="Pastel1", vmin=0, vmax=8)
+    _window_lines(axes[0], H, W, block.window_size)
+    axes[0].set_title(
+        f"W-MSA: {H}x{W} tokens, {block.window_size[0]}x{block.window_size[1]} windows"
+    )
+    if panels == 3:
+        s = shifted.shift_size
+        axes[1].imshow(checker, cmap="Pastel1", vmin=0, vmax=8)
+        _window_lines(axes[1], H, W, shifted.window_size, offset=(-s[0], -s[1]))
+        axes[1].set_title(f"SW-MSA: windows shifted by {s[0]},{s[1]}")
+        regions = shift_region_ids(H, W, shifted.window_size, s)
+        axes[2].imshow(regions, cmap="tab10", vmin=0, vmax=9)
+        _window_lines(axes[2], H, W, shifted.window_size)
+        axes[2].set_title("after cyclic shift: source regions")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention_mask(block: SwinBlock) -> Figure:
+    """The additive mask of the four kinds of shifted window (interior, right/bottom edges, corner)."""
+    H, W = block._padded(*block.input_resolution)
+    mask = block.shift_mask(H, W, torch.device("cpu"))
+    fig, axes = _figure(1, 4, 13, 3.4)
+    axes = axes[0]
+    if mask is None:
+        for ax in axes:
+            ax.axis("off")
+        axes[0].set_title("no shift: no mask")
+        return fig
+    cols = W // block.window_size[1]
+    picks = {"interior window": 0, "right edge": cols - 1, "bottom edge": mask.shape[0] - cols,
+             "corner": mask.shape[0] - 1}  # fmt: skip
+    for ax, (name, index) in zip(axes, picks.items(), strict=True):
+        ax.imshow(mask[index].cpu(), cmap="gray", vmin=mask.min().item(), vmax=0)
+        ax.set_title(f"{name} (window {index})\nblack: masked (-100)")
+        ax.set_xlabel("key token")
+        ax.set_ylabel("query token")
+    fig.tight_layout()
+    return fig
+
+
+def _query_map(block: SwinBlock, probs: torch.Tensor, query: tuple[int, int], H: int, W: int):
+    """Head-averaged attention of ``query`` (original coordinates) placed on the H x W grid."""
+    Hp, Wp = block._padded(H, W)
+    (wh, ww), (sh, sw) = block.window_size, block.shift_size
+    qi, qj = (query[0] - sh) % Hp, (query[1] - sw) % Wp  # position after the shift
+    window = (qi // wh) * (Wp // ww) + qj // ww
+    weights = probs[window, :, (qi % wh) * ww + qj % ww].mean(0)  # (N,) over keys
+    out = torch.zeros(Hp, Wp)
+    top, left = (qi // wh) * wh, (qj // ww) * ww
+    for n, value in enumerate(weights.tolist()):
+        ki, kj = top + n // ww, left + n % ww
+        out[(ki + sh) % Hp, (kj + sw) % Wp] = value  # back to original coordinates
+    return out[:H, :W]
+
+
+def plot_attention_maps(
+    net: SwinTransformer, images: torch.Tensor, stage: int = 0, query: tuple[int, int] | None = None
+) -> Figure:
+    """For each image: where one query token looks in the W-MSA and the SW-MSA block.
+
+    The default query sits at the centre of the stage's grid, on a window corner: W-MSA
+    confines it to one window, the shifted window lets it reach across the border.
+    """
+    blocks = list(net.layers[stage].blocks)[:2]
+    inputs: list[torch.Tensor] = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in blocks]
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(images)
+    finally:
+        for h in hooks:
+            h.remove()
+        net.train(was_training)
+    H, W = inputs[0].shape[1:3]
+    query = query or (H // 2, W // 2)
+    fig, axes = _figure(len(images), 1 + len(blocks), 3.2 * (1 + len(blocks)), 3.2 * len(images))
+    lo, hi = images.amin(dim=(1, 2, 3), keepdim=True), images.amax(dim=(1, 2, 3), keepdim=True)
+    shown = ((images - lo) / (hi - lo + 1e-8)).permute(0, 2, 3, 1).cpu()
+    extent = (-0.5, W - 0.5, H - 0.5, -0.5)
+    for b, block in enumerate(blocks):
+        probs = block.attention_probs(inputs[b]).float().cpu()
+        for i in range(len(images)):
+            ax = axes[i, 1 + b]
+            ax.imshow(shown[i], extent=extent)
+            ax.imshow(_query_map(block, probs[i], query, H, W), cmap="inferno", alpha=0.7, extent=extent)  # fmt: skip
+            ax.plot(query[1], query[0], "c+", ms=12, mew=2)
+            if i == 0:
+                ax.set_title(
+                    f"stage {stage + 1} block {b + 1}: {'SW-MSA' if block.shifted else 'W-MSA'}"
+                )
+    for i in range(len(images)):
+        axes[i, 0].imshow(shown[i])
+        axes[i, 0].set_title("input" if i == 0 else "")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,168 @@
+"""The ablation runner: runs, skip/resume/failure handling, report, HParams, notebooks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import statistics
+
+import nbformat
+import pytest
+import yaml
+from nbclient import NotebookClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from swin_lightning.ablate import AblationSpec, main, run_ablation
+from tests.conftest import CONFIGS, REPO
+
+BASE = str(CONFIGS / "ablations" / "window_pairs.yaml")
+TINY = [
+    "trainer.max_epochs=2", "data.init_args.train_size=96", "data.init_args.val_size=32",
+    "data.init_args.batch_size=32", "trainer.log_every_n_steps=1", "throughput.window_size=2",
+    "attention_images.every_n_epochs=2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """A 2-variant x 2-seed shift ablation with tiny budgets."""
+    logs = tmp_path_factory.mktemp("ablation")
+    spec = str(CONFIGS / "ablations" / "specs" / "shift.yaml")
+    exp_dir, outcomes = run_ablation([BASE], spec, str(logs), TINY, seeds=[0, 1])
+    return exp_dir, outcomes
+
+
+def val_acc1(run_dir) -> list[float]:
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return [e.value for e in acc.Scalars("val/acc1")]
+
+
+def test_runs_are_laid_out_per_variant_and_seed(experiment):
+    exp_dir, outcomes = experiment
+    assert sorted((o.variant, o.seed, o.status) for o in outcomes) == [
+        ("no_shift", 0, "done"), ("no_shift", 1, "done"), ("shift", 0, "done"), ("shift", 1, "done"),
+    ]  # fmt: skip
+    for variant in ("shift", "no_shift"):
+        for seed in (0, 1):
+            run = exp_dir / variant / f"seed_{seed}"
+            assert (run / "finished.json").is_file() and (
+                run / "checkpoints" / "last.ckpt"
+            ).is_file()
+            assert len(val_acc1(run)) == 2
+            config = yaml.safe_load((run / "config.yaml").read_text())
+            assert config["model"]["net"]["init_args"]["shift"] is (variant == "shift")
+            assert config["seed_everything"] == seed
+
+
+def test_report_matches_event_files(experiment):
+    exp_dir, _ = experiment
+    with open(exp_dir / "report.csv", newline="") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"shift", "no_shift"}
+    for variant, row in rows.items():
+        curves = [val_acc1(exp_dir / variant / f"seed_{s}") for s in (0, 1)]
+        best = [max(c) for c in curves]
+        final = [c[-1] for c in curves]
+        assert float(row["best_val_acc1_mean"]) == pytest.approx(statistics.fmean(best))
+        assert float(row["best_val_acc1_std"]) == pytest.approx(statistics.stdev(best))
+        assert float(row["final_val_acc1_mean"]) == pytest.approx(statistics.fmean(final))
+        assert float(row["params"]) > 0 and float(row["gmacs"]) > 0
+        assert float(row["train_samples_per_sec"]) > 0
+    assert float(rows["shift"]["delta_best_vs_reference"]) == 0.0
+    expected = float(rows["no_shift"]["best_val_acc1_mean"]) - float(
+        rows["shift"]["best_val_acc1_mean"]
+    )
+    assert float(rows["no_shift"]["delta_best_vs_reference"]) == pytest.approx(expected)
+    report = (exp_dir / "report.md").read_text()
+    assert "| shift | 2 |" in report and "| no_shift | 2 |" in report
+    assert (exp_dir / "val_acc1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hparams_and_images_in_tensorboard(experiment):
+    exp_dir, _ = experiment
+    acc = EventAccumulator(str(exp_dir / "no_shift" / "seed_1"))
+    acc.Reload()
+    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+    assert {"hp/best_val_acc1", "hp/final_val_acc1"} <= set(acc.Tags()["scalars"])
+    assert {"windows/partition_and_shift", "windows/attention_mask", "attention/maps"} <= set(
+        acc.Tags()["images"]
+    )
+
+
+def test_rerun_skips_finished_runs(experiment):
+    exp_dir, _ = experiment
+    before = sorted(p.stat().st_mtime_ns for p in exp_dir.rglob("events.out.tfevents.*"))
+    spec = str(CONFIGS / "ablations" / "specs" / "shift.yaml")
+    _, outcomes = run_ablation([BASE], spec, str(exp_dir.parent), TINY, seeds=[0, 1])
+    assert {o.status for o in outcomes} == {"skipped"}
+    after = sorted(p.stat().st_mtime_ns for p in exp_dir.rglob("events.out.tfevents.*"))
+    assert before == after
+
+
+def test_interrupted_run_resumes_and_failed_variant_is_reported(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({
+        "experiment": "mixed", "reference": "ok", "seeds": [0],
+        "variants": {"ok": [str(CONFIGS / "ablations" / "shift.yaml")],
+                     "broken": ["model.net.window_size=0"]},
+    }))  # fmt: skip
+    short = [a for a in TINY if not a.startswith("trainer.max_epochs")]
+    # First attempt stops after 1 epoch: as if killed, it leaves last.ckpt but no finished.json.
+    run_ablation([BASE], str(spec), str(tmp_path), [*short, "trainer.max_epochs=1"])
+    run = tmp_path / "mixed" / "ok" / "seed_0"
+    (run / "finished.json").unlink()
+    code = main(["--config", BASE, str(spec), "--log_dir", str(tmp_path), *short,
+                 "trainer.max_epochs=2"])  # fmt: skip
+    assert code == 1  # the broken variant failed
+    assert json.loads((run / "finished.json").read_text())["resumed"] is True
+    assert len(val_acc1(run)) == 2  # epoch 1 from the first attempt, epoch 2 after resuming
+    broken = tmp_path / "mixed" / "broken" / "seed_0"
+    assert not (broken / "finished.json").exists()
+    assert "window_size=0 must be >= 1" in (broken / "fit.log").read_text()
+    report = (tmp_path / "mixed" / "report.md").read_text()
+    assert "| ok | 1 |" in report and "**broken failed** for seed(s) 0" in report
+
+
+@pytest.mark.parametrize("spec", sorted((CONFIGS / "ablations" / "specs").glob("*.yaml")), ids=lambda p: p.stem)  # fmt: skip
+def test_ready_specs_parse(spec, monkeypatch):
+    monkeypatch.chdir(REPO)
+    parsed = AblationSpec.load(spec)
+    assert len(parsed.variants) >= 2 and len(parsed.seeds) >= 3
+    assert parsed.reference in parsed.variants
+
+
+NOTEBOOKS = REPO / "notebooks"
+
+
+@pytest.mark.parametrize("name", ["01_shifted_windows.ipynb", "02_ablation_report.ipynb"])
+def test_notebooks_are_stored_without_outputs(name):
+    book = nbformat.read(NOTEBOOKS / name, as_version=4)
+    for cell in book.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["01_shifted_windows.ipynb", "02_ablation_report.ipynb"])
+def test_notebooks_execute(name, experiment, tmp_path, monkeypatch):
+    exp_dir, _ = experiment
+    monkeypatch.setenv("SWIN_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("SWIN_ABLATION_DIR", str(exp_dir))
+    book = nbformat.read(NOTEBOOKS / name, as_version=4)
+    NotebookClient(book, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO)}}).execute()  # fmt: skip
+    outputs = [o for c in book.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    if name.startswith("01"):
+        assert (
+            "stage 4: (7, 7, 768)" in text and "masked pairs per window: [0, 128, 128, 192]" in text
+        )
+    else:
+        assert "no_shift: best val top-1" in text
+    assert any(
+        o.output_type == "display_data" and "image/png" in o.get("data", {}) for o in outputs
+    )
+    shutil.rmtree(tmp_path, ignore_errors=True)
