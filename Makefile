@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format fit ablate tensorboard clean
+.PHONY: install test lint format fit ablate bench tensorboard clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ fit: install
 # finished runs. Report: logs/shift/report.md, report.csv, val_acc1.png.
 ablate: install
 	$(BIN)/python -m swin_lightning ablate --config configs/ablations/window_pairs.yaml configs/ablations/specs/shift.yaml
+
+# Speed against timm, torchvision and a plain loop; writes docs/benchmarks.md (~6 min, 2 cores).
+bench: install
+	$(BIN)/python -m swin_lightning bench --out docs/benchmarks.md
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir logs --host 127.0.0.1

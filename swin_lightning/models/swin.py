@@ -161,20 +161,50 @@ class WindowAttention(nn.Module):
         if mask is None:
             # Same bias for every window: fold windows into the batch, broadcast over it.
             q, k, v = qkv.view(B * nW, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-            attn_mask = None if bias is None else bias.unsqueeze(0).to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-            out = out.transpose(1, 2).reshape(B, nW, N, C)
+            additive = None if bias is None else bias.unsqueeze(0).to(q.dtype)
+            out = attend(q, k, v, additive, dropout_p).transpose(1, 2).reshape(B, nW, N, C)
         else:
             # Per-window mask: fold windows into the head axis, so one (1, nW*h, N, N)
             # tensor broadcasts over the batch instead of being copied for every image.
             additive = mask.unsqueeze(1) if bias is None else mask.unsqueeze(1) + bias
-            additive = additive.expand(nW, h, N, N).reshape(1, nW * h, N, N)
+            additive = additive.expand(nW, h, N, N).reshape(1, nW * h, N, N).to(qkv.dtype)
             q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, B, nW * h, N, d).unbind(0)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=additive.to(q.dtype), dropout_p=dropout_p
-            )
+            out = attend(q, k, v, additive, dropout_p)
             out = out.view(B, nW, h, N, d).transpose(2, 3).reshape(B, nW, N, C)
         return self.proj_drop(self.proj(out))
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    additive: torch.Tensor | None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + additive) v``, with the fastest kernel for the case.
+
+    :func:`~torch.nn.functional.scaled_dot_product_attention` everywhere, except on the CPU
+    when the additive bias needs a gradient (training with a relative position bias): the
+    CPU's fused kernel cannot return that gradient and its fallback is slower than a plain
+    matmul-softmax-matmul (see ``python -m swin_lightning bench``).
+    """
+    if additive is not None and additive.requires_grad and q.device.type == "cpu":
+        return attend_explicit(q, k, v, additive, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=dropout_p)
+
+
+def attend_explicit(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    additive: torch.Tensor | None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """The same attention as :func:`attend`, written out as matmul, softmax, matmul."""
+    logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
+    if additive is not None:
+        logits = logits + additive
+    return torch.matmul(F.dropout(logits.softmax(dim=-1), dropout_p), v)
 
 
 class SwinBlock(nn.Module):

@@ -1,0 +1,59 @@
+"""The benchmark runs end to end (quick mode) and its harness measures what it says."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from swin_lightning.bench import fit_exponent, interleaved, main
+
+
+def test_interleaved_reports_medians_per_case():
+    calls = []
+    cases = {
+        "fast": lambda: calls.append("fast"),
+        "slow": lambda: (time.sleep(0.01), calls.append("slow")),
+    }
+    medians = interleaved(cases, rounds=4, warmup=1)
+    assert medians["slow"] > 0.009 > medians["fast"]
+    # warm-up, then alternating order: fast slow | slow fast | fast slow ...
+    assert calls[2:6] == ["fast", "slow", "slow", "fast"]
+
+
+def test_fit_exponent():
+    xs = [1.0, 4.0, 16.0]
+    assert fit_exponent(xs, [3 * x for x in xs]) == pytest.approx(1.0)
+    assert fit_exponent(xs, [x**2 for x in xs]) == pytest.approx(2.0)
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_report(tmp_path):
+    out = tmp_path / "docs" / "benchmarks.md"
+    assert main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text()
+    for heading in (
+        "## 1. Model throughput",
+        "## 2. Framework overhead",
+        "## 3. Scaling",
+        "## 4. Input pipeline",
+    ):
+        assert heading in text
+    results = json.loads((out.parent / "bench_results.json").read_text())
+    impls = {(r["shape"], r["impl"]) for r in results["models"]}
+    assert {
+        ("swin_t_224", "timm"),
+        ("cifar_32", "torchvision"),
+        ("cifar_32", "swin_lightning"),
+    } <= impls
+    assert all(r["train_img_s"] > 0 and r["fwd_img_s"] > 0 for r in results["models"])
+    assert set(results["overhead_s_per_step"]) == {
+        "plain PyTorch loop",
+        "Trainer.fit, same work",
+        "Trainer.fit, SwinClassifier (metrics, logging)",
+    }
+    msa = {r["size"]: r["gmacs"] for r in results["scaling"] if r["net"].startswith("MSA")}
+    wmsa = {r["size"]: r["gmacs"] for r in results["scaling"] if r["net"].startswith("W-MSA")}
+    assert wmsa[112] / wmsa[56] < 4.6 < msa[112] / msa[56]  # linear against quadratic
+    assert (out.parent / "bench_scaling.png").read_bytes()[:4] == b"\x89PNG"
