@@ -17,6 +17,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from swin_lightning.models import SwinTransformer, count_flops, load_pretrained
+from swin_lightning.models.pretrained import LoadReport
 
 STAGES = ("train", "val", "test")
 
@@ -40,6 +41,28 @@ def weight_decay_groups(
         else:
             decay.append(param)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def layer_decay_groups(
+    model: nn.Module, layer_decay: float, skip_keywords: set[str] | None = None
+) -> list[dict[str, Any]]:
+    """Parameter groups for layer-wise LR decay, each with an ``lr_scale`` (timm's grouping).
+
+    Depths come from ``model.group_matcher`` (stem, one layer per block, head last); the
+    head's scale is 1 and every layer below gets ``layer_decay`` times the one above it.
+    Weight decay is split as in :func:`weight_decay_groups`: decayed groups take the
+    optimizer's ``weight_decay``, the others 0.
+    """
+    from timm.optim import param_groups_layer_decay
+
+    patterns = [f"*{k}*" for k in skip_keywords or ()]
+    groups = param_groups_layer_decay(
+        model, weight_decay=1.0, no_weight_decay_list=patterns, layer_decay=layer_decay
+    )
+    for group in groups:
+        if group["weight_decay"] > 0:  # decayed: leave the rate to the optimizer's setting
+            del group["weight_decay"]
+    return groups
 
 
 def _unset_arguments(factory: Callable, names: tuple[str, ...]) -> list[str]:
@@ -77,8 +100,14 @@ class SwinClassifier(L.LightningModule):
         mixup_mode: Mix per 'batch', 'pair' or 'elem'.
         lr_scale_batch_size: If set, linear LR scaling: every learning rate (and min_lr) is
             multiplied by global_batch / lr_scale_batch_size (the paper: 512).
+        layer_decay: Layer-wise LR decay for fine-tuning, in (0, 1]: the head trains at the
+            optimizer's lr, each layer below it (blocks, then the patch embedding) at
+            ``layer_decay`` times the rate of the layer above. None: one rate for all.
         pretrained: Path to official, timm, torchvision or swin_lightning weights to start
             from (loaded before training; see ``swin_lightning.models.load_pretrained``).
+            Fine-tuning adaptations apply: position tables are resized bicubically to the
+            window size and patch grid, and a head of another class count is replaced;
+            ``pretrained_report`` lists them.
         compile: Compile the network with ``torch.compile``.
     """
 
@@ -94,6 +123,7 @@ class SwinClassifier(L.LightningModule):
         mixup_switch_prob: float = 0.5,
         mixup_mode: Literal["batch", "pair", "elem"] = "batch",
         lr_scale_batch_size: int | None = None,
+        layer_decay: float | None = None,
         pretrained: str | None = None,
         compile: bool = False,
     ):
@@ -102,10 +132,18 @@ class SwinClassifier(L.LightningModule):
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
         if lr_scale_batch_size is not None and lr_scale_batch_size <= 0:
             raise ValueError(f"lr_scale_batch_size={lr_scale_batch_size} must be > 0")
+        if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+            raise ValueError(
+                f"model.layer_decay={layer_decay} must be in (0, 1] (or null: no layer decay)"
+            )
+        lr = optimizer.keywords.get("lr") if isinstance(optimizer, functools.partial) else None
+        if isinstance(lr, int | float) and not lr > 0:
+            raise ValueError(f"model.optimizer.init_args.lr={lr} must be > 0")
         self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
         self.net = net
+        self.pretrained_report: LoadReport | None = None
         if pretrained:
-            load_pretrained(net, pretrained)
+            self.pretrained_report = load_pretrained(net, pretrained, adapt=True)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         num_classes = net.num_classes
@@ -137,6 +175,22 @@ class SwinClassifier(L.LightningModule):
         self.forward_net = torch.compile(net) if compile else net
         # Lets Lightning's model summary report output shapes and FLOPs.
         self.example_input_array = torch.zeros(1, net.patch_embed.proj.in_channels, *net.img_size)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose weights do not fit this model, listing every such key."""
+        own = self.state_dict()
+        wrong = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in checkpoint.get("state_dict", {}).items()
+            if k in own and hasattr(v, "shape") and v.shape != own[k].shape
+        ]
+        if wrong:
+            raise ValueError(
+                "ckpt_path: the checkpoint does not fit the configured model; mismatched "
+                "shapes:\n  " + "\n  ".join(wrong) + "\nUse the model.net and data settings "
+                "it was trained with, or model.pretrained to fine-tune (which adapts the head "
+                "and position tables)"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_net(x)
@@ -208,11 +262,17 @@ class SwinClassifier(L.LightningModule):
         return global_batch / base
 
     def configure_optimizers(self):
-        groups = weight_decay_groups(self.net, self.net.no_weight_decay_keywords())
+        keywords = self.net.no_weight_decay_keywords()
+        layer_decay = self.hparams.get("layer_decay")
+        if layer_decay is None:
+            groups = weight_decay_groups(self.net, keywords)
+        else:
+            groups = layer_decay_groups(self.net, layer_decay, keywords)
         optimizer = self.optimizer_factory(groups)
         scale = self.lr_scale()
+        # Scaled before the schedule is built: its factors multiply each group's initial lr.
         for group in optimizer.param_groups:
-            group["lr"] *= scale
+            group["lr"] *= scale * group.get("lr_scale", 1.0)
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)

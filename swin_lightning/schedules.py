@@ -24,8 +24,8 @@ class WarmupLR(LambdaLR):
         optimizer: The optimizer whose learning rates are scheduled.
         warmup_epochs: Warmup length in epochs (fractions allowed).
         warmup_start_factor: Learning rate at step 0 as a fraction of the base rate.
-        min_lr: Lowest learning rate the decay reaches (absolute; scaled with the base rate
-            when linear LR scaling is on).
+        min_lr: Lowest learning rate the decay reaches (absolute; scaled like the group's
+            rate under linear LR scaling and layer-wise LR decay).
         total_steps: Optimizer steps of the whole run; -1: taken from the trainer.
         steps_per_epoch: Optimizer steps per epoch; -1: taken from the trainer.
         lr_scale: Factor the base rates were scaled by (linear LR scaling); None: filled in
@@ -60,7 +60,9 @@ class WarmupLR(LambdaLR):
         lambdas = []
         for group in optimizer.param_groups:
             base = group.get("initial_lr", group["lr"])
-            min_factor = min(1.0, min_lr * lr_scale / base) if base > 0 else 0.0
+            # min_lr follows the group the way its rate does (linear and layer-wise scaling)
+            floor = min_lr * lr_scale * group.get("lr_scale", 1.0)
+            min_factor = min(1.0, floor / base) if base > 0 else 0.0
             lambdas.append(self._factor_fn(min_factor))
         super().__init__(optimizer, lambdas)
 

@@ -382,6 +382,8 @@ class SwinTransformer(nn.Module):
             'abs' (learned absolute embedding), 'abs+rel' or 'none'.
         patch_norm: LayerNorm after the patch embedding.
         grad_checkpointing: Recompute blocks in the backward pass to save activation memory.
+        pad_windows: Zero-pad a stage resolution the window does not tile (False: reject
+            such an img_size at construction, as the paper's classification code does).
     """
 
     def __init__(
@@ -403,17 +405,19 @@ class SwinTransformer(nn.Module):
         pos_embed: PosEmbed = "rel",
         patch_norm: bool = True,
         grad_checkpointing: bool = False,
+        pad_windows: bool = True,
     ):
         super().__init__()
         img_size = _pair(img_size)
         depths, num_heads = list(depths), list(num_heads)
         validate_architecture(
             img_size, patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio,
-            drop_rate, attn_drop_rate, drop_path_rate, pos_embed,
+            drop_rate, attn_drop_rate, drop_path_rate, pos_embed, pad_windows,
         )  # fmt: skip
         self.img_size = img_size
         self.num_classes = num_classes
         self.pos_embed = pos_embed
+        self.pad_windows = pad_windows
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
@@ -452,6 +456,24 @@ class SwinTransformer(nn.Module):
     def no_weight_decay_keywords(self) -> set[str]:
         """Name fragments of parameters that take no weight decay (besides norms and biases)."""
         return {"relative_position_bias_table", "absolute_pos_embed"}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, object]:
+        """Parameter groups by depth, as timm's Swin (used by ``timm.optim`` layer decay).
+
+        Stem (patch embedding, absolute position embedding) first, then one group per stage
+        (``coarse``) or per block with each patch merging joined to the block after it; the
+        final norm ends the last group. Parameters matched by no rule (the head) come last.
+        """
+        return {
+            "stem": r"^(?:patch_embed|absolute_pos_embed)",
+            "blocks": r"^layers\.(\d+)"
+            if coarse
+            else [
+                (r"^layers\.(\d+)\.downsample", (0,)),
+                (r"^layers\.(\d+)\.\w+\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        }
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
@@ -503,6 +525,7 @@ def validate_architecture(
     attn_drop_rate: float,
     drop_path_rate: float,
     pos_embed: str,
+    pad_windows: bool = True,
 ) -> None:
     """Reject inconsistent settings before any weight is built, naming the setting at fault."""
     if patch_size <= 0 or any(s <= 0 for s in img_size):
@@ -539,3 +562,13 @@ def validate_architecture(
             raise ValueError(f"{name}={rate} must be in [0, 1)")
     if pos_embed not in POS_EMBED_CHOICES:
         raise ValueError(f"pos_embed={pos_embed!r} is not one of {', '.join(POS_EMBED_CHOICES)}")
+    resolution = (img_size[0] // patch_size, img_size[1] // patch_size)
+    for i in range(len(depths)):
+        if i > 0:  # patch merging halves the resolution (odd sizes rounded up)
+            resolution = tuple((r + 1) // 2 for r in resolution)
+        if not pad_windows and any(r > window_size and r % window_size for r in resolution):
+            raise ValueError(
+                f"stage {i} resolution {resolution} is not tiled by window_size={window_size} "
+                "and pad_windows is off; use an img_size whose stage resolutions are multiples "
+                "of (or not larger than) the window, or set pad_windows: true"
+            )
