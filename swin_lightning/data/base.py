@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import lightning as L
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from swin_lightning.resilience import ResumableDataLoader, ResumableSampler
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -86,16 +89,24 @@ class ClassificationDataModule(L.LightningDataModule):
             self.predict_set = ImageListDataset(self.predict_dir, self.eval_transform())
 
     def _loader(self, dataset: Dataset | None, train: bool = False) -> DataLoader:
+        """Evaluation: in order. Training: shuffled by (seed, epoch), sharded over the ranks,
+        with its position in the epoch saved in checkpoints (exact mid-epoch resume)."""
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not created this split")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+        kwargs = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if not train:
+            return DataLoader(dataset, **kwargs)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        seed = int(os.getenv("PL_GLOBAL_SEED", "0"))  # set by seed_everything, as Lightning does
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=seed)
+        return ResumableDataLoader(
+            dataset, sampler=sampler, drop_last=True, generator=torch.Generator(), **kwargs
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import warnings
 from collections.abc import Callable
+from multiprocessing import context as mp_context
 from pathlib import Path
 
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision.datasets import ImageFolder
 
@@ -25,6 +29,77 @@ def class_folders(split_dir: Path) -> list[str]:
             f"{split_dir}/<class>/<image> with images ending in {', '.join(IMAGE_SUFFIXES)}"
         )
     return classes
+
+
+# What PIL raises for a file it cannot decode: unknown format, truncated or damaged data.
+CORRUPT_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class CheckedImageFolder(ImageFolder):
+    """ImageFolder whose unreadable images raise an error naming the file, or are skipped.
+
+    With ``skip_corrupt``, an unreadable image is replaced by the next readable one of the
+    split, and a warning names it with the number of distinct files skipped so far. Which
+    files are unreadable is kept in shared memory, so the count covers every DataLoader
+    worker process and a bad file is decoded (and reported) once, not every epoch.
+    """
+
+    def __init__(self, root: str, transform: Callable, skip_corrupt: bool = False):
+        super().__init__(root, transform=transform)
+        self.skip_corrupt = skip_corrupt
+        # Spawn-context shared memory works with forked and spawned workers alike.
+        ctx = multiprocessing.get_context("spawn")
+        self._bad = ctx.Array("b", len(self.samples)) if skip_corrupt else None
+        self._skipped = ctx.Value("i", 0, lock=False) if skip_corrupt else None
+
+    @property
+    def num_skipped(self) -> int:
+        """Distinct unreadable files skipped so far, over all worker processes."""
+        return self._skipped.value if self._skipped is not None else 0
+
+    def __getstate__(self) -> dict:
+        # Shared memory travels to spawned workers (forked ones inherit it); multiprocessing
+        # refuses it in any other copy, which then counts on its own.
+        state = dict(self.__dict__)
+        if mp_context.get_spawning_popen() is None:
+            state["_bad"] = state["_skipped"] = None
+        return state
+
+    def __getitem__(self, index: int):
+        n = len(self.samples)
+        for offset in range(n):
+            i = (index + offset) % n
+            if self._bad is not None and self._bad[i]:
+                continue
+            path, target = self.samples[i]
+            try:
+                image = self.loader(path)
+            except CORRUPT_IMAGE_ERRORS as err:
+                if not self.skip_corrupt:
+                    raise OSError(
+                        f"corrupt or unreadable image {path} ({type(err).__name__}: {err}); "
+                        "delete or replace it, or set data.skip_corrupt: true to skip such files"
+                    ) from err
+                self._mark_bad(i, path, err)
+                continue
+            return (self.transform(image) if self.transform else image), target
+        raise OSError(f"no readable image in {self.root}: every file failed to load")
+
+    def _mark_bad(self, i: int, path: str, err: Exception) -> None:
+        if self._bad is None:
+            warnings.warn(f"skip_corrupt: skipped unreadable image {path} ({err})", stacklevel=2)
+            return
+        with self._bad.get_lock():
+            if self._bad[i]:
+                return
+            self._bad[i] = 1
+            self._skipped.value += 1
+            total = self._skipped.value
+        warnings.warn(
+            f"skip_corrupt: skipped unreadable image {path} ({type(err).__name__}: {err}); "
+            f"{total} of {len(self.samples)} files in {self.root} skipped so far",
+            stacklevel=2,
+        )
 
 
 class ImageFolderDataModule(ClassificationDataModule):
@@ -55,6 +130,9 @@ class ImageFolderDataModule(ClassificationDataModule):
         num_workers: Data-loading worker processes.
         pin_memory: Pin host memory for faster copies to the GPU.
         predict_dir: Folder of images for ``predict``.
+        skip_corrupt: Skip images that cannot be decoded (each replaced by the next readable
+            one, with a warning naming it and the count so far) instead of stopping with an
+            error naming the file.
     """
 
     def __init__(
@@ -80,6 +158,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         num_workers: int = 4,
         pin_memory: bool = False,
         predict_dir: str | None = None,
+        skip_corrupt: bool = False,
     ):
         super().__init__(batch_size, num_workers, pin_memory, predict_dir)
         if image_size <= 0:
@@ -102,6 +181,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.interpolation = interpolation
         self.crop_pct = crop_pct
         self.mean, self.std = tuple(mean), tuple(std)
+        self.skip_corrupt = skip_corrupt
         # Read now: num_classes is linked into the model before anything is built.
         self.classes = class_folders(self.root / train_dir)
         self.num_classes = len(self.classes)
@@ -126,7 +206,7 @@ class ImageFolderDataModule(ClassificationDataModule):
             crop_pct=self.crop_pct,
         )
 
-    def _split(self, split: str, transform: Callable) -> ImageFolder:
+    def _split(self, split: str, transform: Callable) -> CheckedImageFolder:
         split_dir = self.root / self.split_dirs[split]
         classes = class_folders(split_dir)
         if classes != list(self.classes):
@@ -136,7 +216,7 @@ class ImageFolderDataModule(ClassificationDataModule):
                 f"class folders of {split_dir} differ from {self.root / self.split_dirs['train']}:"
                 f" only in train: {only_train or 'none'}; only in {split}: {only_here or 'none'}"
             )
-        return ImageFolder(str(split_dir), transform=transform)
+        return CheckedImageFolder(str(split_dir), transform, self.skip_corrupt)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

@@ -1,0 +1,223 @@
+"""Crash safety: SIGKILL mid-epoch then ``--ckpt_path last``, SIGTERM, NaN loss, auto-resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from swin_lightning.resilience import NonFiniteLossError
+from tests.conftest import CONFIGS, QUIET, REPO, TINY_DEMO, run_cli
+
+# 3 epochs x 4 optimizer steps, last.ckpt every 2 steps.
+RUN = [*TINY_DEMO, "--trainer.max_epochs=3", "--step_checkpoint.every_n_train_steps=2"]
+STEPS = 12
+RECORD = "--trainer.callbacks+=tests.test_resume.RecordBatches"
+
+
+class KillAt(L.Callback):
+    """Test helper: the process sends itself ``signum`` right after optimizer step ``step``."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGKILL)):
+        self.step = step
+        self.signum = signum
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class RecordBatches(L.Callback):
+    """Test helper: the targets of every training batch, by the step they are trained at."""
+
+    def __init__(self):
+        self.targets: dict[int, list[int]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.targets[trainer.global_step] = batch[1].tolist()
+
+
+class PoisonAt(L.Callback):
+    """Test helper: NaN images in the batch trained at ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            batch[0].fill_(float("nan"))
+
+
+def callback(name: str, **init_args) -> str:
+    """``--trainer.callbacks+=`` one of this module's helpers, with its arguments."""
+    spec = {"class_path": f"tests.test_resume.{name}", "init_args": init_args}
+    return f"--trainer.callbacks+={json.dumps(spec)}"
+
+
+def fit_subprocess(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m swin_lightning fit`` in a fresh interpreter (as a job would run it)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "swin_lightning", "fit", *args, *QUIET]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    acc = EventAccumulator(str(log_dir))  # honours purge_step, as TensorBoard does
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def step_of(ckpt: Path) -> int:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run every resumed run must reproduce."""
+    root = tmp_path_factory.mktemp("reference")
+    cli = run_cli("fit", *RUN, RECORD, f"--trainer.logger.init_args.save_dir={root}")
+    record = next(c for c in cli.trainer.callbacks if isinstance(c, RecordBatches))
+    return {
+        "step": cli.trainer.global_step,
+        "weights": {k: v.clone() for k, v in cli.model.state_dict().items()},
+        "metrics": {k: float(v) for k, v in cli.trainer.callback_metrics.items()},
+        "targets": record.targets,
+        "log_dir": Path(cli.trainer.log_dir),
+    }
+
+
+def assert_same_as_reference(cli, reference, log_dir: Path) -> None:
+    assert cli.trainer.global_step == reference["step"] == STEPS
+    weights = cli.model.state_dict()
+    different = [k for k, v in reference["weights"].items() if not torch.equal(weights[k], v)]
+    assert not different, f"weights differ from the uninterrupted run: {different[:5]}"
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    for key in ("val/acc1", "val/loss", "train/loss", "train/acc1"):
+        assert metrics[key] == reference["metrics"][key], key
+    # The resumed run's TensorBoard folder reads as one clean run: the steps logged after the
+    # checkpoint by the killed process are hidden (purge_step) and logged again.
+    for tag in ("train/loss", "val/acc1", "lr-AdamW/pg1"):
+        assert scalars(log_dir, tag) == scalars(reference["log_dir"], tag), tag
+
+
+def test_sigkill_mid_epoch_then_resume_last_is_exact(in_tmp, reference):
+    killed = fit_subprocess(*RUN, callback("KillAt", step=7), cwd=in_tmp)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run_dir = in_tmp / "logs" / "demo" / "version_0"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    # Killed after step 7: the step checkpoint of step 6 survives, mid-epoch (epoch 1, batch 2).
+    assert state["global_step"] == 6 and state["epoch"] == 1
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]  # fmt: skip
+    assert {"torch", "numpy", "python"} <= set(state["callbacks"]["ResumeState"]["rng"])
+
+    cli = run_cli("fit", *RUN, RECORD, "--ckpt_path=last")
+    assert Path(cli.trainer.log_dir).resolve() == run_dir
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
+    record = next(c for c in cli.trainer.callbacks if isinstance(c, RecordBatches))
+    # Same batches, in the same order, from the first step after the checkpoint on.
+    assert record.targets == {s: t for s, t in reference["targets"].items() if s >= 6}
+    assert_same_as_reference(cli, reference, run_dir)
+    assert step_of(last) == STEPS
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes_exactly(in_tmp, reference):
+    stopped = fit_subprocess(*TINY_DEMO, "--trainer.max_epochs=3",
+                             callback("KillAt", step=5, signum=int(signal.SIGTERM)), cwd=in_tmp)  # fmt: skip
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "SIGTERM: saved" in stopped.stderr and "--ckpt_path last" in stopped.stderr
+    run_dir = in_tmp / "logs" / "demo" / "version_0"
+    # The default step interval (100) never fired: this is the SIGTERM save, mid-epoch 1.
+    assert step_of(run_dir / "checkpoints" / "last.ckpt") == 5
+    cli = run_cli("fit", *RUN, "--ckpt_path=last")
+    assert Path(cli.trainer.log_dir).resolve() == run_dir
+    assert_same_as_reference(cli, reference, run_dir)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(in_tmp):
+    cli = run_cli(*RUN, callback("PoisonAt", step=5), *QUIET, run=False)
+    with pytest.raises(NonFiniteLossError) as err:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    message = str(err.value)
+    last = in_tmp / "logs" / "demo" / "version_0" / "checkpoints" / "last.ckpt"
+    assert message.startswith("Training loss is nan at global step 5 (epoch 1, batch 1)")
+    assert "logs/demo/version_0/checkpoints/last.ckpt, was not overwritten" in message
+    for hint in ("lr", "gradient_clip_val", "bf16"):
+        assert hint in message
+    # Stopped before the optimizer step: the weights in memory and on disk are finite.
+    assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())  # fmt: skip
+    assert not any(p.name.startswith("epoch001") for p in last.parent.iterdir())
+
+
+def test_auto_resume_finds_the_newest_run(in_tmp, capsys):
+    one_epoch = [*TINY_DEMO, "--trainer.max_epochs=1", "--trainer.limit_val_batches=1"]
+    runs = in_tmp / "logs" / "demo"
+    fresh = run_cli("fit", *one_epoch, "--ckpt_path=auto")  # nothing to resume: a new run
+    assert Path(fresh.trainer.log_dir).resolve() == runs / "version_0"
+    assert fresh.trainer.ckpt_path is None and fresh.trainer.global_step == 4
+    second = run_cli("fit", *one_epoch)
+    assert Path(second.trainer.log_dir).resolve() == runs / "version_1"
+
+    two_epochs = [*one_epoch, "--trainer.max_epochs=2"]
+    auto = run_cli("fit", *two_epochs, "--ckpt_path=auto")  # the newest: version_1
+    assert Path(auto.trainer.ckpt_path).resolve() == runs / "version_1/checkpoints/last.ckpt"
+    assert Path(auto.trainer.log_dir).resolve() == runs / "version_1"
+    assert auto.trainer.global_step == 8
+
+    # An explicit last.ckpt logs into its own run; an older checkpoint starts a new folder,
+    # so the run it came from is never overwritten.
+    explicit = run_cli("fit", *two_epochs, "--ckpt_path=logs/demo/version_0/checkpoints/last.ckpt")
+    assert Path(explicit.trainer.log_dir).resolve() == runs / "version_0"
+    assert explicit.trainer.global_step == 8
+    older = next((runs / "version_1" / "checkpoints").glob("epoch000-*.ckpt"))
+    branch = run_cli("fit", *two_epochs, f"--ckpt_path={older}")
+    assert Path(branch.trainer.log_dir).resolve() == runs / "version_2"
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1", "version_2"]
+
+    with pytest.raises(SystemExit) as exit_info:  # nothing to resume: an error, not a new run
+        run_cli("fit", *one_epoch, "--trainer.logger.init_args.name=other", "--ckpt_path=last")
+    assert exit_info.value.code == 2
+    assert "error: --ckpt_path last: no last.ckpt under logs/other/*/checkpoints" in capsys.readouterr().err  # fmt: skip
+    assert not (in_tmp / "logs" / "other").exists()
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_sync_metrics_and_checkpoint_loads(in_tmp):
+    ddp = [
+        "--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "trainer/ddp_cpu.yaml"),
+        "--data.init_args.train_size=64", "--data.init_args.val_size=40",
+        "--data.init_args.batch_size=8", "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
+        "--data.init_args.num_workers=0", "--throughput.window_size=2",
+    ]  # fmt: skip
+    done = fit_subprocess(*ddp, cwd=in_tmp)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = in_tmp / "logs" / "demo" / "version_0"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    # 64 images over 2 ranks x 8 per batch: 4 steps per epoch, not 8.
+    assert step_of(last) == 8
+    logged = scalars(run_dir, "val/acc1")[-1][1]
+
+    single = run_cli("validate", *ddp[:2], "--data.init_args.val_size=40",
+                     "--data.init_args.batch_size=8", f"--ckpt_path={last}")  # fmt: skip
+    whole = float(single.trainer.callback_metrics["val/acc1"])
+    # What each rank saw alone (DistributedSampler: every other image).
+    model, data = single.model.eval(), single.datamodule
+    with torch.no_grad():
+        images = torch.stack([data.val_set[i][0] for i in range(40)])
+        targets = torch.tensor([int(data.val_set[i][1]) for i in range(40)])
+        correct = (model(images).argmax(1) == targets).float()
+    halves = [float(correct[r::2].mean()) for r in (0, 1)]
+    assert whole == pytest.approx(float(correct.mean()), abs=1e-6)
+    assert halves[0] != halves[1], f"the test needs ranks that disagree: {halves}"
+    assert logged == pytest.approx(whole, abs=1e-6), (logged, whole, halves)
