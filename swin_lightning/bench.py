@@ -144,18 +144,33 @@ def bench_models(device: str, rounds: int, batches: dict[str, int]) -> list[dict
     return rows
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory.
+
+    Linux's ``VmHWM`` belongs to the process image, so it starts afresh in a new program;
+    ``ru_maxrss`` (the fallback) can carry over the forking parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_memory_mb(impl: str, shape_name: str, batch: int, device: str, train: bool) -> float:
     """Peak memory of one forward (+backward) in a fresh process, above its baseline."""
     code = f"""
-import json, resource, torch
-from swin_lightning.bench import build_model, SHAPES
+import json, torch
+from swin_lightning.bench import SHAPES, build_model, peak_rss_bytes
 shape, size = SHAPES[{shape_name!r}]
 m = build_model({impl!r}, shape).to({device!r})
 x = torch.randn({batch}, 3, size, size, device={device!r})
 if {device!r} == "cuda":
     torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
 else:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak_rss_bytes()
 if {train}:
     m.train(); m(x).float().logsumexp(-1).sum().backward()
 else:
@@ -164,7 +179,7 @@ else:
 if {device!r} == "cuda":
     peak = torch.cuda.max_memory_allocated()
 else:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
 print(json.dumps((peak - base) / 2**20))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

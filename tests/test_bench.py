@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from swin_lightning.bench import fit_exponent, interleaved, main
+from swin_lightning.bench import fit_exponent, interleaved, main, peak_memory_mb
 
 
 def test_interleaved_reports_medians_per_case():
@@ -57,3 +57,10 @@ def test_bench_quick_writes_report(tmp_path):
     wmsa = {r["size"]: r["gmacs"] for r in results["scaling"] if r["net"].startswith("W-MSA")}
     assert wmsa[112] / wmsa[56] < 4.6 < msa[112] / msa[56]  # linear against quadratic
     assert (out.parent / "bench_scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_peak_memory_grows_with_the_batch():
+    # Measured in a fresh process; a fork would inherit this process's peak (a real bug once).
+    small = peak_memory_mb("swin_lightning", "cifar_32", 2, "cpu", train=True)
+    large = peak_memory_mb("swin_lightning", "cifar_32", 64, "cpu", train=True)
+    assert 0 < small < large

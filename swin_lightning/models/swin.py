@@ -201,9 +201,10 @@ def attend_explicit(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """The same attention as :func:`attend`, written out as matmul, softmax, matmul."""
-    logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
+    # Scaled and biased in place: neither step's backward needs the logits it overwrites.
+    logits = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
     if additive is not None:
-        logits = logits + additive
+        logits = logits.add_(additive)
     return torch.matmul(F.dropout(logits.softmax(dim=-1), dropout_p), v)
 
 
