@@ -346,7 +346,7 @@ def resolve_resume(config: Any, subcommand: str) -> Path | None:
         if logger.version is None:
             logger.version = run.name
         if _run_dir_name(logger.version) == run.name:
-            step = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+            step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
             logger.purge_step = int(step["global_step"])
             print(f"Resuming {ckpt} (step {logger.purge_step}), logging into {run}", file=sys.stderr)  # fmt: skip
     return ckpt

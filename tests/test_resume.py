@@ -76,7 +76,7 @@ def scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 
 def step_of(ckpt: Path) -> int:
-    return torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_sigkill_mid_epoch_then_resume_last_is_exact(in_tmp, reference):
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     run_dir = in_tmp / "logs" / "demo" / "version_0"
     last = run_dir / "checkpoints" / "last.ckpt"
-    state = torch.load(last, map_location="cpu", weights_only=False)
+    state = torch.load(last, map_location="cpu", weights_only=True)
     # Killed after step 7: the step checkpoint of step 6 survives, mid-epoch (epoch 1, batch 2).
     assert state["global_step"] == 6 and state["epoch"] == 1
     assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]  # fmt: skip
@@ -154,7 +154,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         assert hint in message
     # Stopped before the optimizer step: the weights in memory and on disk are finite.
     assert all(torch.isfinite(p).all() for p in cli.model.parameters())
-    state = torch.load(last, map_location="cpu", weights_only=False)
+    state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())  # fmt: skip
     assert not any(p.name.startswith("epoch001") for p in last.parent.iterdir())

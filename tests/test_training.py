@@ -160,7 +160,7 @@ def test_tensorboard_logs_and_versioned_runs(in_tmp):
 def test_resume_from_last_checkpoint(in_tmp):
     run_cli("fit", *TINY_DEMO)  # 2 epochs x 4 steps
     last = in_tmp / "logs" / "demo" / "version_0" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == 8
+    assert torch.load(last, weights_only=True)["global_step"] == 8
     cli = run_cli("fit", *TINY_DEMO, "--trainer.max_epochs=3", f"--ckpt_path={last}",
                   "--trainer.callbacks+=tests.test_training.RecordLR")  # fmt: skip
     record = next(c for c in cli.trainer.callbacks if isinstance(c, RecordLR))
