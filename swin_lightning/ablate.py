@@ -69,7 +69,9 @@ class AblationSpec:
             raise ValueError(
                 f"{path}: reference {reference!r} is not a variant; variants: {list(variants)}"
             )
-        spec = cls(raw.get("experiment", path.stem), variants, seeds, reference, raw.get("args") or [])  # fmt: skip
+        spec = cls(
+            raw.get("experiment", path.stem), variants, seeds, reference, raw.get("args") or []
+        )
         spec.resolve_overlays(path.parent)
         return spec
 
@@ -81,7 +83,9 @@ class AblationSpec:
                     candidates = [Path(item), spec_dir / item]
                     found = next((p for p in candidates if p.is_file()), None)
                     if found is None:
-                        raise FileNotFoundError(f"overlay {item} not found (looked in . and {spec_dir})")  # fmt: skip
+                        raise FileNotFoundError(
+                            f"overlay {item} not found (looked in . and {spec_dir})"
+                        )
                     items[i] = str(found.resolve())
 
 
@@ -211,7 +215,10 @@ def run_ablation(
     for seed in spec.seeds:
         for variant in spec.variants:
             outcome = run_one(base, spec, variant, seed, exp_dir, overrides or [])
-            print(f"[ablate] {variant} seed {seed}: {outcome.status} ({outcome.seconds:.0f} s)", flush=True)  # fmt: skip
+            print(
+                f"[ablate] {variant} seed {seed}: {outcome.status} ({outcome.seconds:.0f} s)",
+                flush=True,
+            )
             outcomes.append(outcome)
     failed: dict[str, list[str]] = {}
     for o in outcomes:

@@ -103,7 +103,9 @@ class WindowAttentionImages(L.Callback):
 
     def _blocks(self, net):
         if self.stage >= len(net.layers):
-            raise ValueError(f"attention_images.stage={self.stage}: the model has {len(net.layers)} stages")  # fmt: skip
+            raise ValueError(
+                f"attention_images.stage={self.stage}: the model has {len(net.layers)} stages"
+            )
         return list(net.layers[self.stage].blocks)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

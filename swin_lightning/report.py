@@ -136,7 +136,11 @@ def summarize(
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)  # fmt: skip
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else format(value, spec)
+    )
 
 
 def markdown_table(rows: list[VariantSummary], reference: str) -> str:

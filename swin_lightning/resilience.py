@@ -57,7 +57,9 @@ class StepCheckpoint(L.Callback):
 
     def __init__(self, every_n_train_steps: int = 100, on_sigterm: bool = True):
         if every_n_train_steps < 0:
-            raise ValueError(f"step_checkpoint.every_n_train_steps={every_n_train_steps} must be >= 0")  # fmt: skip
+            raise ValueError(
+                f"step_checkpoint.every_n_train_steps={every_n_train_steps} must be >= 0"
+            )
         self.every_n_train_steps = every_n_train_steps
         self.on_sigterm = on_sigterm
         self.saved_step: int | None = None
@@ -206,7 +208,11 @@ class ResumeState(L.Callback):
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         random.setstate(rng["python"])
         cuda = rng.get("cuda")
-        if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():  # fmt: skip
+        if (
+            cuda is not None
+            and torch.cuda.is_available()
+            and len(cuda) == torch.cuda.device_count()
+        ):
             torch.cuda.set_rng_state_all(cuda)
 
 
@@ -348,5 +354,7 @@ def resolve_resume(config: Any, subcommand: str) -> Path | None:
         if _run_dir_name(logger.version) == run.name:
             step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
             logger.purge_step = int(step["global_step"])
-            print(f"Resuming {ckpt} (step {logger.purge_step}), logging into {run}", file=sys.stderr)  # fmt: skip
+            print(
+                f"Resuming {ckpt} (step {logger.purge_step}), logging into {run}", file=sys.stderr
+            )
     return ckpt

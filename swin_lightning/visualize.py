@@ -38,7 +38,10 @@ def plot_windows(block: SwinBlock, shifted: SwinBlock | None = None) -> Figure:
     panels = 3 if shifted is not None and shifted.shifted else 1
     fig, axes = _figure(1, panels, 4 * panels, 4)
     axes = axes[0]
-    checker = (torch.arange(H)[:, None] // block.window_size[0] + torch.arange(W)[None] // block.window_size[1]) % 2  # fmt: skip
+    checker = (
+        torch.arange(H)[:, None] // block.window_size[0]
+        + torch.arange(W)[None] // block.window_size[1]
+    ) % 2
     axes[0].imshow(checker, cmap="Pastel1", vmin=0, vmax=8)
     _window_lines(axes[0], H, W, block.window_size)
     axes[0].set_title(
@@ -129,7 +132,9 @@ def plot_attention_maps(
         for i in range(len(images)):
             ax = axes[i, 1 + b]
             ax.imshow(shown[i], extent=extent)
-            ax.imshow(_query_map(block, probs[i], query, H, W), cmap="inferno", alpha=0.7, extent=extent)  # fmt: skip
+            ax.imshow(
+                _query_map(block, probs[i], query, H, W), cmap="inferno", alpha=0.7, extent=extent
+            )
             ax.plot(query[1], query[0], "c+", ms=12, mew=2)
             if i == 0:
                 ax.set_title(

@@ -125,7 +125,9 @@ def test_interrupted_run_resumes_and_failed_variant_is_reported(tmp_path):
     assert "| ok | 1 |" in report and "**broken failed** for seed(s) 0" in report
 
 
-@pytest.mark.parametrize("spec", sorted((CONFIGS / "ablations" / "specs").glob("*.yaml")), ids=lambda p: p.stem)  # fmt: skip
+@pytest.mark.parametrize(
+    "spec", sorted((CONFIGS / "ablations" / "specs").glob("*.yaml")), ids=lambda p: p.stem
+)
 def test_ready_specs_parse(spec, monkeypatch):
     monkeypatch.chdir(REPO)
     parsed = AblationSpec.load(spec)

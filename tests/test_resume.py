@@ -116,7 +116,9 @@ def test_sigkill_mid_epoch_then_resume_last_is_exact(in_tmp, reference):
     state = torch.load(last, map_location="cpu", weights_only=True)
     # Killed after step 7: the step checkpoint of step 6 survives, mid-epoch (epoch 1, batch 2).
     assert state["global_step"] == 6 and state["epoch"] == 1
-    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]  # fmt: skip
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 1, "batches": 2}
+    ]
     assert {"torch", "numpy", "python"} <= set(state["callbacks"]["ResumeState"]["rng"])
 
     cli = run_cli("fit", *RUN, RECORD, "--ckpt_path=last")
@@ -156,7 +158,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(p).all() for p in cli.model.parameters())
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["global_step"] == 4
-    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())  # fmt: skip
+    assert all(
+        torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point()
+    )
     assert not any(p.name.startswith("epoch001") for p in last.parent.iterdir())
 
 
@@ -188,7 +192,10 @@ def test_auto_resume_finds_the_newest_run(in_tmp, capsys):
     with pytest.raises(SystemExit) as exit_info:  # nothing to resume: an error, not a new run
         run_cli("fit", *one_epoch, "--trainer.logger.init_args.name=other", "--ckpt_path=last")
     assert exit_info.value.code == 2
-    assert "error: --ckpt_path last: no last.ckpt under logs/other/*/checkpoints" in capsys.readouterr().err  # fmt: skip
+    assert (
+        "error: --ckpt_path last: no last.ckpt under logs/other/*/checkpoints"
+        in capsys.readouterr().err
+    )
     assert not (in_tmp / "logs" / "other").exists()
 
 

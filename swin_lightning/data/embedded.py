@@ -69,7 +69,9 @@ def draw_shapes(
     labels = torch.arange(n) % num_classes
     labels = labels[torch.randperm(n, generator=g)]
     S = image_size
-    ys, xs = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32), indexing="ij")  # fmt: skip
+    ys, xs = torch.meshgrid(
+        torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32), indexing="ij"
+    )
     images = torch.empty(n, 3, S, S)
     u = torch.rand(n, 4, generator=g)
     colours = torch.rand(n, 2, 3, generator=g)
@@ -124,7 +126,11 @@ class EmbeddedShapesDataModule(ClassificationDataModule):
             raise ValueError(f"data.num_classes={num_classes} must be in [2, {len(SHAPES)}]")
         if image_size < 8:
             raise ValueError(f"data.image_size={image_size} must be >= 8")
-        for name, size in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):  # fmt: skip
+        for name, size in (
+            ("train_size", train_size),
+            ("val_size", val_size),
+            ("test_size", test_size),
+        ):
             if size < 1:
                 raise ValueError(f"data.{name}={size} must be >= 1")
         self.num_classes = num_classes
@@ -193,7 +199,10 @@ def draw_border_pairs(
     gap_b = torch.randint(0, 3, (n,), generator=g)
     for i in range(n):
         along = slice(int(start[i]), int(start[i] + length[i]))
-        for offset, colour in ((mid - 2 - int(gap_a[i]), first[i]), (mid + int(gap_b[i]), second[i])):  # fmt: skip
+        for offset, colour in (
+            (mid - 2 - int(gap_a[i]), first[i]),
+            (mid + int(gap_b[i]), second[i]),
+        ):
             across = slice(offset, offset + 2)
             block = PAIR_COLOURS[colour][:, None, None]
             if vertical[i]:
