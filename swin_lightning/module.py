@@ -176,6 +176,26 @@ class SwinClassifier(L.LightningModule):
         # Lets Lightning's model summary report output shapes and FLOPs.
         self.example_input_array = torch.zeros(1, net.patch_embed.proj.in_channels, *net.img_size)
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as ``trainer.gradient_clip_*`` say; under FSDP by the norm of all shards.
+
+        Lightning's FSDP plugin refuses norm clipping, since clipping each rank's shards
+        alone would be wrong; FSDP's own ``clip_grad_norm_`` computes the global norm.
+        """
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self.trainer.strategy
+        by_norm = gradient_clip_algorithm in (None, "norm")
+        if gradient_clip_val and by_norm and isinstance(strategy, FSDPStrategy):
+            strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose weights do not fit this model, listing every such key."""
         own = self.state_dict()

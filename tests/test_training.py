@@ -120,6 +120,38 @@ def test_weight_decay_groups_exclude_norms_biases_and_position_tables():
     assert "layers.0.blocks.0.attn.qkv.weight" in decayed and "patch_embed.proj.weight" in decayed
 
 
+def test_fsdp_clips_by_the_global_norm_and_other_strategies_by_lightning(monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from swin_lightning.module import SwinClassifier
+
+    module = SwinClassifier(
+        create_model("swin_cifar", num_classes=10, depths=(1, 1), num_heads=(3, 6))
+    )
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    clipped: list[float] = []
+    fsdp = FSDPStrategy()  # needs no GPU until it sets up
+    fsdp._model = SimpleNamespace(clip_grad_norm_=clipped.append)
+    module._trainer = SimpleNamespace(strategy=fsdp)
+    lightning_clip: list[tuple] = []
+    monkeypatch.setattr(module, "clip_gradients", lambda *args: lightning_clip.append(args))
+    module.configure_gradient_clipping(optimizer, 5.0, "norm")
+    module.configure_gradient_clipping(optimizer, 5.0, None)  # the trainer's default: norm
+    assert clipped == [5.0, 5.0] and not lightning_clip
+    module.configure_gradient_clipping(optimizer, 0.5, "value")  # Lightning supports value
+    module.configure_gradient_clipping(optimizer, None, None)  # clipping off
+    module._trainer = SimpleNamespace(strategy=DDPStrategy())
+    module.configure_gradient_clipping(optimizer, 5.0, "norm")
+    assert clipped == [5.0, 5.0]
+    assert lightning_clip == [
+        (optimizer, 0.5, "value"),
+        (optimizer, None, None),
+        (optimizer, 5.0, "norm"),
+    ]
+
+
 def test_linear_lr_scaling(in_tmp):
     # global batch 16 x accumulate 2 = 32; scaled by 32 / 64 -> half the configured 0.002
     cli = run_cli("fit", *TINY_DEMO, "--trainer.max_epochs=1", "--trainer.accumulate_grad_batches=2",
