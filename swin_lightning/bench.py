@@ -18,7 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -106,34 +107,69 @@ def _step_fns(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.d
     return forward, train_step
 
 
-def bench_models(device: str, rounds: int, batches: dict[str, int]) -> list[dict]:
-    """Images/s, forward and forward+backward, per implementation and shape."""
+@dataclass(frozen=True)
+class Variant:
+    """A precision / memory-layout / compilation setting of the model benchmark.
+
+    ``compile`` compiles the project's model only: the baseline stays timm in eager mode.
+    """
+
+    name: str
+    dtype: torch.dtype | None = None
+    channels_last: bool = False
+    compile: bool = False
+
+
+CPU_VARIANTS = (Variant("fp32"),)
+GPU_VARIANTS = (
+    Variant("fp32"),
+    Variant("bf16", torch.bfloat16),
+    Variant("bf16+channels_last", torch.bfloat16, channels_last=True),
+    Variant("bf16+channels_last+compile", torch.bfloat16, channels_last=True, compile=True),
+)
+
+
+def bench_models(
+    device: str,
+    rounds: int,
+    batches: dict[str, int],
+    variants: Sequence[Variant] | None = None,
+    shapes: Sequence[str] | None = None,
+) -> list[dict]:
+    """Images/s, forward and forward+backward, per implementation, shape and variant."""
+    if variants is None:
+        variants = GPU_VARIANTS if device == "cuda" else CPU_VARIANTS
     rows = []
-    variants = [("fp32", None, False)]
-    if device == "cuda":
-        variants += [("bf16", torch.bfloat16, False), ("bf16+compile", torch.bfloat16, True)]
-    for shape_name, (shape, size) in SHAPES.items():
+    for shape_name in shapes or SHAPES:
+        shape, size = SHAPES[shape_name]
         batch = batches[shape_name]
         torch.manual_seed(0)
         x = torch.randn(batch, 3, size, size, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
-        for variant, dtype, compile_ in variants:
-            models = {impl: build_model(impl, shape).to(device) for impl in IMPLS}
-            if compile_:
+        for variant in variants:
+            fmt = torch.channels_last if variant.channels_last else torch.contiguous_format
+            models = {
+                impl: build_model(impl, shape).to(device, memory_format=fmt) for impl in IMPLS
+            }
+            inputs = {impl: x.contiguous(memory_format=fmt) for impl in IMPLS}
+            if variant.compile:
                 models = {
                     "swin_lightning": torch.compile(models["swin_lightning"]),
                     "timm": models["timm"],
                 }
-            fns = {impl: _step_fns(m, x, y, dtype) for impl, m in models.items()}
+                inputs["timm"] = x
+                models["timm"].to(memory_format=torch.contiguous_format)
+            fns = {impl: _step_fns(m, inputs[impl], y, variant.dtype) for impl, m in models.items()}
             fwd = interleaved({k: f[0] for k, f in fns.items()}, rounds)
             train = interleaved({k: f[1] for k, f in fns.items()}, rounds)
             for impl in models:
+                label = "timm (eager)" if variant.compile and impl == "timm" else impl
                 rows.append(
                     {
                         "shape": shape_name,
                         "batch": batch,
-                        "variant": variant,
-                        "impl": impl,
+                        "variant": variant.name,
+                        "impl": label,
                         "fwd_img_s": batch / fwd[impl],
                         "train_img_s": batch / train[impl],
                         "train_vs_timm": train["timm"] / train[impl],

@@ -6,8 +6,16 @@ import json
 import time
 
 import pytest
+import torch
 
-from swin_lightning.bench import fit_exponent, interleaved, main, peak_memory_mb
+from swin_lightning.bench import (
+    Variant,
+    bench_models,
+    fit_exponent,
+    interleaved,
+    main,
+    peak_memory_mb,
+)
 
 
 def test_interleaved_reports_medians_per_case():
@@ -64,3 +72,12 @@ def test_peak_memory_grows_with_the_batch():
     small = peak_memory_mb("swin_lightning", "cifar_32", 2, "cpu", train=True)
     large = peak_memory_mb("swin_lightning", "cifar_32", 64, "cpu", train=True)
     assert 0 < small < large
+
+
+def test_gpu_variants_run_on_the_cpu_too():
+    # The GPU report's bf16 and channels-last rows, exercised here at a tiny size.
+    variant = Variant("bf16+channels_last", torch.bfloat16, channels_last=True)
+    rows = bench_models("cpu", 1, {"cifar_32": 2}, variants=[variant], shapes=["cifar_32"])
+    assert {r["impl"] for r in rows} == {"swin_lightning", "timm", "torchvision"}
+    assert all(r["variant"] == variant.name and r["train_img_s"] > 0 for r in rows)
+    assert next(r for r in rows if r["impl"] == "timm")["train_vs_timm"] == 1.0
