@@ -93,7 +93,15 @@ def suggest_key(message: str, parser: argparse.ArgumentParser) -> str:
 
 
 class SwinArgumentParser(LightningArgumentParser):
-    """Parser whose errors name the closest valid key and skip the page-long usage block."""
+    """Parser whose errors name the closest valid key and skip the page-long usage block.
+
+    Prefixes of keys are not accepted (argparse's ``allow_abbrev``): a typo such as
+    ``--trainer.max_epoch`` is an error with a suggestion, never another setting.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):
         if self.exit_on_error and "Did you mean" not in message:

@@ -103,6 +103,8 @@ def test_fitting_settings_still_train(in_tmp):
         ("validate", ["--model.net.window_sise=4"], "Did you mean 'window_size'?"),
         ("fit", ["--model.labl_smoothing=0.1"], "Did you mean 'model.label_smoothing'?"),
         ("test", ["--trainer.max_epohcs=3"], "Did you mean 'trainer.max_epochs'?"),
+        # a prefix of a key is a typo too, never silently that key
+        ("fit", ["--trainer.max_epoch=3"], "Did you mean 'trainer.max_epochs'?"),
         ("fit", ["--data.init_args.batch_sise=8"], "Did you mean 'batch_size'?"),
         ("fit", ["--model.optimizer.init_args.lrr=0.1"], "Did you mean 'lr'?"),
         ("predict", ["--checkpoint.monitr=val/loss"], "Did you mean 'checkpoint.monitor'?"),
