@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import resource
 import statistics
@@ -25,14 +26,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # ---------------------------------------------------------------- timing harness
 def interleaved(
-    cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 2
+    cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 2, self_timed: bool = False
 ) -> dict[str, float]:
-    """Median seconds per call of each case, run in alternating order after warm-up."""
+    """Median seconds per call of each case, run in alternating order after warm-up.
+
+    ``self_timed``: each case returns its own figure (e.g. seconds per step of a run it
+    times inside), which is used instead of the call's duration.
+    """
     for _ in range(warmup):
         for fn in cases.values():
             fn()
@@ -42,9 +45,9 @@ def interleaved(
         for name in names if r % 2 == 0 else reversed(names):
             _sync()
             start = time.perf_counter()
-            cases[name]()
+            result = cases[name]()
             _sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(result if self_timed else time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -310,14 +313,7 @@ def bench_overhead(rounds: int, steps: int, batch: int = 64) -> dict[str, float]
         "Trainer.fit, same work": lambda: fit(Plain),
         "Trainer.fit, SwinClassifier (metrics, logging)": lambda: fit(full_module),
     }
-    for fn in cases.values():  # warm-up
-        fn()
-    results: dict[str, list[float]] = {k: [] for k in cases}
-    names = list(cases)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else reversed(names):
-            results[name].append(cases[name]())
-    return {k: statistics.median(v) for k, v in results.items()}
+    return interleaved(cases, rounds, warmup=1, self_timed=True)
 
 
 # ---------------------------------------------------------------- 3. scaling with image size
@@ -488,18 +484,13 @@ def machine() -> str:
     import torchvision
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
         f"- CPU: {cpu}, {torch.get_num_threads()} torch threads; GPU: {gpu}; "
-        f"RAM: {resource.getpagesize() * _phys_pages() / 2**30:.0f} GiB\n"
+        f"RAM: {ram:.0f} GiB\n"
         f"- Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
         f"torchvision {torchvision.__version__}, lightning {lightning.__version__}\n"
     )
-
-
-def _phys_pages() -> int:
-    import os
-
-    return os.sysconf("SC_PHYS_PAGES")
 
 
 def run(args: argparse.Namespace) -> str:

@@ -17,7 +17,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from swin_lightning.models import SwinTransformer, count_flops, load_pretrained
-from swin_lightning.models.pretrained import LoadReport
+from swin_lightning.models.pretrained import LoadReport, shape_mismatches
 
 STAGES = ("train", "val", "test")
 
@@ -198,12 +198,7 @@ class SwinClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose weights do not fit this model, listing every such key."""
-        own = self.state_dict()
-        wrong = [
-            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-            for k, v in checkpoint.get("state_dict", {}).items()
-            if k in own and hasattr(v, "shape") and v.shape != own[k].shape
-        ]
+        wrong = shape_mismatches(checkpoint.get("state_dict", {}), self.state_dict())
         if wrong:
             raise ValueError(
                 "ckpt_path: the checkpoint does not fit the configured model; mismatched "

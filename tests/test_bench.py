@@ -30,6 +30,12 @@ def test_interleaved_reports_medians_per_case():
     assert calls[2:6] == ["fast", "slow", "slow", "fast"]
 
 
+def test_interleaved_self_timed_cases_report_their_own_figures():
+    figures = iter([9.0, 1.0, 2.0, 3.0, 4.0, 5.0])  # the first call is the warm-up
+    medians = interleaved({"run": lambda: next(figures)}, rounds=5, warmup=1, self_timed=True)
+    assert medians == {"run": 3.0}
+
+
 def test_fit_exponent():
     xs = [1.0, 4.0, 16.0]
     assert fit_exponent(xs, [3 * x for x in xs]) == pytest.approx(1.0)

@@ -241,6 +241,17 @@ def _adapt(
     return resized, sorted(dropped)
 
 
+def shape_mismatches(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """``key: checkpoint (shape) vs model (shape)`` for every shared key whose shapes differ."""
+    return [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and hasattr(v, "shape") and v.shape != expected[k].shape
+    ]
+
+
 def load_pretrained(
     model: nn.Module, source: str | Path | Mapping, strict: bool = True, adapt: bool = False
 ) -> LoadReport:
@@ -262,11 +273,7 @@ def load_pretrained(
     state, layout = convert_state_dict(raw, model)
     expected = model.state_dict()
     resized, reinitialized = _adapt(state, model, expected) if adapt else ({}, [])
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
+    mismatched = shape_mismatches(state, expected)
     if mismatched:
         hint = (
             ""
