@@ -88,6 +88,10 @@ class StepCheckpoint(L.Callback):
         # monitored metric does not improve. (Saved even if a step save came at this step: this
         # state is after the epoch's validation.)
         if not self._skip(trainer):
+            # Compute (and sync) the epoch's metrics before saving, as ModelCheckpoint does.
+            # Under DDP only rank 0's progress bar reads them at this point; a rank that met
+            # the save's barrier first would pair it with rank 0's metric all-gather and hang.
+            _ = trainer.callback_metrics
             self.save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
