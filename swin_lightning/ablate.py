@@ -12,17 +12,25 @@ and the seeds::
       no_shift: [configs/ablations/no_shift.yaml]
 
 Every variant x seed is a normal ``fit`` run in its own process, logged to
-``logs/<experiment>/<variant>/seed_<n>``. A finished run (``finished.json``) is skipped, an
-interrupted one resumes from its ``last.ckpt``, and a failed one is reported without stopping
-the others. At the end the report (``report.md``, ``report.csv``, ``val_acc1.png``) is
-written next to the runs, and each run's varied settings and results go to TensorBoard's
-HParams tab.
+``logs/<experiment>/<variant>/<settings>/seed_<n>``, where ``<settings>`` is a fingerprint of
+the run's resolved config (all settings but the seed and where it writes): re-running with
+other settings trains new runs beside the old ones and never reports the old ones as theirs.
+A finished run (``finished.json`` with the same fingerprint) is skipped, an interrupted one
+resumes from its ``last.ckpt``, a failed one is reported without stopping the others, and a
+run another process holds (its lock) is left to that process. Each run is locked, in its own
+process group, and dies with ``ablate``: SIGINT/SIGTERM are forwarded, the run saves its
+``last.ckpt``, and ``ablate`` stops saying how to resume. At the end the report
+(``report.md``, ``report.csv``, ``val_acc1.png``) is written next to the runs, and each
+run's varied settings and results go to TensorBoard's HParams tab.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -32,9 +40,17 @@ from typing import Any
 
 import yaml
 
-from swin_lightning.report import read_run, write_report
+from swin_lightning.report import FINISHED, SETTINGS, read_run, write_report
+from swin_lightning.storage import RunBusyError, RunLock, WriteError, write_text
 
-FINISHED = "finished.json"
+
+class AblationInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the ablation (the running run saved its last.ckpt)."""
+
+    def __init__(self, signum: int, outcomes: list[RunOutcome]):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.outcomes = outcomes
 
 
 @dataclass
@@ -126,19 +142,104 @@ def varied_settings(items: list[str]) -> dict[str, Any]:
 class RunOutcome:
     variant: str
     seed: int
-    status: str  # "done", "skipped", "resumed", "failed"
+    status: str  # "done", "skipped", "resumed", "failed", "busy", "interrupted"
     seconds: float = 0.0
+    run_dir: Path | None = None
+    message: str = ""
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """A short hash of resolved settings (canonical JSON)."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def finished_fingerprint(run_dir: Path) -> str | None:
+    """The fingerprint a finished run recorded, or None (not finished, or unreadable)."""
+    try:
+        return json.loads((run_dir / FINISHED).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+class SignalForwarder:
+    """While installed: SIGINT and SIGTERM go to the running child's process group, and the
+    first one received is remembered, so the loop stops after the child has saved."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.child: subprocess.Popen | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalForwarder:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._forward)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        self.received = self.received or signum
+        if self.child is not None and self.child.poll() is None:
+            os.killpg(self.child.pid, signum)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when ablate dies, even by SIGKILL (Linux)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def run_one(
-    base: list[str], spec: AblationSpec, variant: str, seed: int, exp_dir: Path, extra: list[str]
+    base: list[str],
+    spec: AblationSpec,
+    variant: str,
+    seed: int,
+    exp_dir: Path,
+    extra: list[str],
+    forwarder: SignalForwarder | None = None,
 ) -> RunOutcome:
-    run_dir = exp_dir / variant / f"seed_{seed}"
-    if (run_dir / FINISHED).is_file():
-        return RunOutcome(variant, seed, "skipped")
+    from swin_lightning.cli import resolved_settings
+
+    settings_args = [*base, *cli_args(spec.variants[variant]), *cli_args(spec.args),
+                     *cli_args(extra)]  # fmt: skip
+    try:
+        settings = resolved_settings(settings_args)
+    except (ValueError, OSError) as err:
+        return RunOutcome(variant, seed, "failed", message=f"settings rejected: {err}")
+    fp = fingerprint(settings)
+    run_dir = exp_dir / variant / fp / f"seed_{seed}"
+    try:
+        lock = RunLock(run_dir).acquire()
+    except RunBusyError as err:
+        return RunOutcome(variant, seed, "busy", run_dir=run_dir, message=str(err))
+    with lock:
+        if finished_fingerprint(run_dir) == fp:
+            return RunOutcome(variant, seed, "skipped", run_dir=run_dir)
+        if not (run_dir.parent / SETTINGS).is_file():
+            write_text(run_dir.parent / SETTINGS, yaml.safe_dump(settings, sort_keys=False))
+        return _train(settings_args, seed, run_dir, lock, fp, spec.variants[variant], forwarder)
+
+
+def _train(
+    settings_args: list[str],
+    seed: int,
+    run_dir: Path,
+    lock: RunLock,
+    fp: str,
+    items: list[str],
+    forwarder: SignalForwarder | None,
+) -> RunOutcome:
+    variant = run_dir.parent.parent.name
     last = run_dir / "checkpoints" / "last.ckpt"
     resume = last.is_file()
-    if run_dir.exists() and not resume:
+    if not resume:
         # An attempt that died before its first checkpoint: its partial curves would mix
         # with the new ones, so drop its events (its fit.log is kept, numbered).
         for events in run_dir.glob("events.out.tfevents.*"):
@@ -146,15 +247,13 @@ def run_one(
         if (run_dir / "fit.log").exists():
             n = len(list(run_dir.glob("fit.log.*"))) + 1
             (run_dir / "fit.log").rename(run_dir / f"fit.log.{n}")
-    run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
-        sys.executable, "-m", "swin_lightning", "fit", *base,
-        *cli_args(spec.variants[variant]), *cli_args(spec.args), *cli_args(extra),
+        sys.executable, "-m", "swin_lightning", "fit", *settings_args,
         f"--seed_everything={seed}",
         "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
-        f"--trainer.logger.init_args.save_dir={exp_dir / variant}",
+        f"--trainer.logger.init_args.save_dir={run_dir.parent}",
         "--trainer.logger.init_args.name=",
-        f"--trainer.logger.init_args.version=seed_{seed}",
+        f"--trainer.logger.init_args.version={run_dir.name}",
         "--trainer.logger.init_args.default_hp_metric=false",
         "--trainer.enable_progress_bar=false",
     ]  # fmt: skip
@@ -164,13 +263,29 @@ def run_one(
     with open(run_dir / "fit.log", "a") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # Its own process group (a Ctrl+C reaches it through ablate, once), the run's lock
+        # handed down (held until both have exited), and it dies with ablate.
+        child = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            pass_fds=[lock.fd], env={**os.environ, **lock.env()}, preexec_fn=_die_with_parent,
+        )  # fmt: skip
+        if forwarder is not None:
+            forwarder.child = child
+        try:
+            code = child.wait()
+        finally:
+            if forwarder is not None:
+                forwarder.child = None
     seconds = time.perf_counter() - start
+    if code in (130, 143, -signal.SIGINT, -signal.SIGTERM):
+        saved = f"its last.ckpt is {last}" if last.is_file() else "it had saved no checkpoint"
+        return RunOutcome(variant, seed, "interrupted", seconds, run_dir, saved)
     if code != 0:
-        return RunOutcome(variant, seed, "failed", seconds)
-    log_hparams(run_dir, variant, seed, spec.variants[variant])
-    (run_dir / FINISHED).write_text(json.dumps({"seconds": round(seconds, 1), "resumed": resume}))
-    return RunOutcome(variant, seed, "resumed" if resume else "done", seconds)
+        return RunOutcome(variant, seed, "failed", seconds, run_dir, f"exit code {code}")
+    log_hparams(run_dir, variant, seed, items)
+    record = {"seconds": round(seconds, 1), "resumed": resume, "fingerprint": fp, "seed": seed}
+    write_text(run_dir / FINISHED, json.dumps(record))
+    return RunOutcome(variant, seed, "resumed" if resume else "done", seconds, run_dir)
 
 
 def log_hparams(run_dir: Path, variant: str, seed: int, items: list[str]) -> None:
@@ -202,7 +317,9 @@ def run_ablation(
     overrides: list[str] | None = None,
     seeds: list[int] | None = None,
 ) -> tuple[Path, list[RunOutcome]]:
-    """Run every variant x seed (skipping finished runs), then write the report."""
+    """Run every variant x seed (skipping finished runs), then write the report. A SIGINT or
+    SIGTERM stops after the running run has saved (:class:`AblationInterrupted`, no report);
+    the rest are left for a re-run."""
     spec = AblationSpec.load(spec_path)
     if seeds:
         spec.seeds = seeds
@@ -211,21 +328,40 @@ def run_ablation(
             raise FileNotFoundError(f"base config {config} not found")
     base = [a for c in base_configs for a in ("--config", c)]
     exp_dir = Path(log_dir) / spec.experiment
-    outcomes = []
-    for seed in spec.seeds:
-        for variant in spec.variants:
-            outcome = run_one(base, spec, variant, seed, exp_dir, overrides or [])
-            print(
-                f"[ablate] {variant} seed {seed}: {outcome.status} ({outcome.seconds:.0f} s)",
-                flush=True,
-            )
-            outcomes.append(outcome)
+    outcomes: list[RunOutcome] = []
+    with SignalForwarder() as forwarder:
+        for seed in spec.seeds:
+            for variant in spec.variants:
+                o = run_one(base, spec, variant, seed, exp_dir, overrides or [], forwarder)
+                note = f": {o.message}" if o.message else ""
+                print(f"[ablate] {variant} seed {seed}: {o.status} ({o.seconds:.0f} s){note}",
+                      flush=True)  # fmt: skip
+                outcomes.append(o)
+                if forwarder.received:
+                    break
+            if forwarder.received:
+                break
+    if forwarder.received:
+        name = signal.Signals(forwarder.received).name
+        print(
+            f"[ablate] stopped by {name}: {len(outcomes)} of "
+            f"{len(spec.seeds) * len(spec.variants)} runs reached; run the same command again "
+            "to resume (finished runs are skipped, the interrupted one resumes from its "
+            "last.ckpt)",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise AblationInterrupted(forwarder.received, outcomes)
     failed: dict[str, list[str]] = {}
     for o in outcomes:
-        if o.status == "failed":
+        if o.status in ("failed", "busy"):
             failed.setdefault(o.variant, []).append(str(o.seed))
+    current = {}
+    for o in outcomes:
+        if o.run_dir is not None and o.status in ("done", "resumed", "skipped"):
+            current.setdefault(o.variant, []).append(o.run_dir)
     try:
-        write_report(exp_dir, spec.reference, list(spec.variants), failed)
+        write_report(exp_dir, spec.reference, list(spec.variants), failed, current)
         print(f"[ablate] report: {exp_dir / 'report.md'}", flush=True)
     except FileNotFoundError as err:
         print(f"[ablate] no report: {err}", file=sys.stderr)
@@ -248,8 +384,17 @@ def main(argv: list[str] | None = None) -> int:
         help="replace the spec's seeds, e.g. 0,1",
     )
     args = parser.parse_intermixed_args(argv)
-    _, outcomes = run_ablation(args.config, args.spec, args.log_dir, args.overrides, args.seeds)
-    failures = [o for o in outcomes if o.status == "failed"]
-    for o in failures:
-        print(f"[ablate] FAILED: {o.variant} seed {o.seed}", file=sys.stderr)
-    return 1 if failures else 0
+    try:
+        _, outcomes = run_ablation(args.config, args.spec, args.log_dir, args.overrides,
+                                   args.seeds)  # fmt: skip
+    except AblationInterrupted as stop:
+        return 128 + stop.signum
+    except (OSError, ValueError) as err:  # a missing or broken spec or config, a failed write
+        print(f"error: {err}", file=sys.stderr)
+        return 1 if isinstance(err, WriteError) else 2
+    for o in outcomes:
+        if o.status == "failed":
+            print(f"[ablate] FAILED: {o.variant} seed {o.seed}", file=sys.stderr)
+        if o.status == "busy":
+            print(f"[ablate] NOT RUN: {o.variant} seed {o.seed}: {o.message}", file=sys.stderr)
+    return 1 if any(o.status in ("failed", "busy") for o in outcomes) else 0

@@ -11,6 +11,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
 
+from swin_lightning.storage import atomic_open
+
+
+class PartialPredictionError(RuntimeError):
+    """Some predict images could not be read: the others' rows are written, these listed."""
+
 
 def images_in_batch(batch: Any) -> int:
     """Batch size of an ``(images, targets)`` batch."""
@@ -30,6 +36,9 @@ class ImageThroughputMonitor(ThroughputMonitor):
 
 class PredictionCSVWriter(BasePredictionWriter):
     """Writes ``predict`` results as a CSV: image path, then top-k classes and probabilities.
+
+    Images that cannot be read get no row; they are listed (path, reason) in
+    ``<output stem>.unreadable.csv`` beside it, and predict then fails with exit code 1.
 
     Args:
         output: CSV path; default ``<log_dir>/predictions.csv`` of the run.
@@ -55,25 +64,37 @@ class PredictionCSVWriter(BasePredictionWriter):
         paths = datamodule.predict_set.paths
         classes = list(datamodule.classes) or [str(i) for i in range(pl_module.net.num_classes)]
         indices = torch.cat([p["indices"] for p in predictions]).tolist()
+        errors = [e for p in predictions for e in p.get("errors") or [""] * len(p["indices"])]
         probs = torch.cat([p["probs"] for p in predictions]).float().cpu()
         k = min(self.top_k, probs.shape[1])
         top_p, top_i = probs.topk(k, dim=1)
         out = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.csv"
         if trainer.world_size > 1:
             out = out.with_name(f"{out.stem}.rank{trainer.global_rank}{out.suffix}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w", newline="") as f:
+        with atomic_open(out, "w", newline="") as f:
             writer = csv.writer(f)
             header = ["path"]
             for j in range(1, k + 1):
                 header += [f"class_{j}", f"prob_{j}"]
             writer.writerow(header)
             for row, index in enumerate(indices):
+                if errors[row]:
+                    continue
                 line = [str(paths[index])]
                 for j in range(k):
                     line += [classes[int(top_i[row, j])], f"{float(top_p[row, j]):.6f}"]
                 writer.writerow(line)
         self.written = out
+        bad = [(str(paths[i]), e) for i, e in zip(indices, errors, strict=True) if e]
+        if bad:
+            listing = out.with_name(f"{out.stem}.unreadable.csv")
+            with atomic_open(listing, "w", newline="") as f:
+                csv.writer(f).writerows([("path", "reason"), *bad])
+            raise PartialPredictionError(
+                f"predict: {len(bad)} of {len(indices)} images could not be read and have no "
+                f"row in {out} (the other {len(indices) - len(bad)} do); they are listed in "
+                f"{listing}, first: {bad[0][0]} ({bad[0][1]})"
+            )
 
 
 class WindowAttentionImages(L.Callback):

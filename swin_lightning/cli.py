@@ -8,28 +8,38 @@ import importlib
 import inspect
 import os
 import re
+import signal
 import sys
+from pathlib import Path
 
-from lightning import Trainer
+import yaml
+from lightning import LightningModule, Trainer
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.callbacks.progress import ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from swin_lightning.callbacks import (
     ImageThroughputMonitor,
+    PartialPredictionError,
     PredictionCSVWriter,
     WindowAttentionImages,
 )
 from swin_lightning.data import ClassificationDataModule
 from swin_lightning.module import SwinClassifier
 from swin_lightning.resilience import (
+    SIGINT_EXIT_CODE,
     SIGTERM_EXIT_CODE,
+    CheckedCheckpointIO,
     NonFiniteLossGuard,
+    Preflight,
     ResumeState,
     StepCheckpoint,
+    claim_run_folder,
     resolve_resume,
 )
+from swin_lightning.storage import CheckpointError, RunBusyError, WriteError, write_text
 
 TRAINER_DEFAULTS = {
     # One versioned folder per run under logs/<name>/version_<n>: never overwritten.
@@ -43,6 +53,80 @@ TRAINER_DEFAULTS = {
 # Bad settings our constructors, setup and hooks reject: shown as one "error:" line when raised
 # before the first batch (set JSONARGPARSE_DEBUG=1 for the traceback).
 INPUT_ERRORS = (ValueError, OSError)
+# Shown as one "error:" line whenever they happen: a failed write (exit 1), a run folder in use
+# or a damaged checkpoint (exit 2), some predict images unreadable (exit 1).
+ALWAYS_ONE_LINE = (WriteError, RunBusyError, CheckpointError, PartialPredictionError)
+EVAL_SUBCOMMANDS = ("validate", "test", "predict")
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Writes the run's resolved ``config.yaml`` once the run has been accepted.
+
+    Lightning's callback writes it in ``setup``, before the checkpoint is loaded and checked,
+    so a refused resume (weights of another shape) would overwrite the run's config with the
+    refused settings. Here it is written when the first batch loop starts (sanity check,
+    training, validation, test or predict), after every check, atomically
+    (:func:`swin_lightning.storage.write_text`).
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        pass
+
+    def _write_once(self, trainer: Trainer, *args) -> None:
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # broadcast from rank 0: every rank asks
+        if trainer.is_global_zero and log_dir is not None:
+            text = self.parser.dump(self.config, skip_none=False)
+            write_text(os.path.join(log_dir, self.config_filename), text)
+        self.already_saved = True
+
+    on_sanity_check_start = on_train_start = _write_once
+    on_validation_start = on_test_start = on_predict_start = _write_once
+
+
+def check_config_files(args: list[str]) -> None:
+    """Each ``--config FILE`` exists and holds a YAML mapping; else ValueError naming it."""
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        path = Path(value)
+        if not path.is_file():
+            if value.endswith((".yaml", ".yml", ".json")):
+                raise FileNotFoundError(f"--config {value}: no such file")
+            continue  # an inline YAML string, which jsonargparse parses itself
+        try:
+            content = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"--config {value}: invalid YAML{where}: {problem}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"--config {value}: cannot be read ({err})") from None
+        if not isinstance(content, dict):
+            kind = "empty" if content is None else f"a {type(content).__name__}"
+            raise ValueError(
+                f"--config {value} is {kind}, not a mapping of settings; a config looks like "
+                "'trainer: {max_epochs: 2}' (see configs/demo.yaml)"
+            )
+
+
+def require_weights(config, subcommand: str) -> None:
+    """validate/test/predict need trained weights, unless ``allow_random_weights``."""
+    if config.get("ckpt_path") or config.model.get("pretrained"):
+        return
+    if config.get("allow_random_weights"):
+        return
+    raise ValueError(
+        f"{subcommand} needs trained weights: pass --ckpt_path (a checkpoint file, or 'last' "
+        "for the experiment's newest run) or --model.pretrained=<weights file>; "
+        "--allow_random_weights=true evaluates an untrained model on purpose"
+    )
 
 
 def _parser_keys(parser: argparse.ArgumentParser) -> set[str]:
@@ -131,11 +215,12 @@ def _raised_in(err: BaseException) -> str:
 
 
 def _exit_on_input_error(err: BaseException) -> None:
-    """Print ``error: <message>`` and exit with 2, as a parse error does."""
+    """Print ``error: <message>`` and exit with 2, as a parse error does (1 for a failed
+    write or unreadable predict images: the settings were fine, the run was not)."""
     if os.environ.get("JSONARGPARSE_DEBUG"):
         raise err
     sys.stderr.write(f"error: {_input_error_message(err)}\n")
-    raise SystemExit(2) from err
+    raise SystemExit(1 if isinstance(err, WriteError | PartialPredictionError) else 2) from err
 
 
 def _batches_started(trainer: Trainer | None) -> bool:
@@ -177,6 +262,13 @@ class SwinCLI(LightningCLI):
         parser.add_lightning_class_args(ImageThroughputMonitor, "throughput")
         parser.add_lightning_class_args(PredictionCSVWriter, "prediction_writer")
         parser.add_lightning_class_args(WindowAttentionImages, "attention_images")
+        parser.add_argument(
+            "--allow_random_weights",
+            type=bool,
+            default=False,
+            help="validate/test/predict: allow a model without trained weights (no "
+            "--ckpt_path and no model.pretrained); otherwise that is an error",
+        )
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:
         if self.parser_class is LightningArgumentParser:
@@ -187,25 +279,59 @@ class SwinCLI(LightningCLI):
         """Build model, data and trainer; a setting they reject is one ``error:`` line."""
         try:
             super().instantiate_classes()
-        except INPUT_ERRORS as err:
-            _exit_on_input_error(err)
+        except BaseException as err:
+            self._leave_run_folder(abandon=True)
+            if isinstance(err, INPUT_ERRORS):
+                _exit_on_input_error(err)
+            raise
 
     def _run_subcommand(self, subcommand: str) -> None:
         # Data setup, checkpoint loading and optimizer checks fail before the first batch.
+        started = False
         try:
             super()._run_subcommand(subcommand)
-        except INPUT_ERRORS as err:
-            if _batches_started(getattr(self, "trainer", None)):
+            started = True
+        except SIGTERMException:
+            started = True
+            stop = next((c for c in self.trainer.callbacks if isinstance(c, StepCheckpoint)), None)
+            stopped_by_sigint = stop is not None and stop.stop_signal == signal.SIGINT
+            sys.exit(SIGINT_EXIT_CODE if stopped_by_sigint else SIGTERM_EXIT_CODE)
+        except INPUT_ERRORS + ALWAYS_ONE_LINE as err:
+            started = _batches_started(getattr(self, "trainer", None))
+            if started and not isinstance(err, ALWAYS_ONE_LINE):
                 raise
             _exit_on_input_error(err)
+        except BaseException:
+            started = True
+            raise
+        finally:
+            self._leave_run_folder(abandon=not started)
 
     def before_instantiate_classes(self) -> None:
-        """Resolve ``--ckpt_path last|auto``; a resumed fit logs into the run's own folder."""
-        if self.subcommand is not None:
-            try:
-                resolve_resume(self.config[self.subcommand], self.subcommand)
-            except INPUT_ERRORS as err:
-                _exit_on_input_error(err)
+        """Check the run before anything is built or written: resolve ``--ckpt_path
+        last|auto`` (the checkpoint must be intact), require weights for validate/test/predict,
+        and claim the run folder (a new ``version_<n>``, locked for this process)."""
+        self._run_lock = None
+        if self.subcommand is None:
+            return
+        config = self.config[self.subcommand]
+        try:
+            resolve_resume(config, self.subcommand)
+            if self.subcommand in EVAL_SUBCOMMANDS:
+                require_weights(config, self.subcommand)
+            self._run_lock = claim_run_folder(config, self.subcommand)
+        except INPUT_ERRORS + ALWAYS_ONE_LINE as err:
+            _exit_on_input_error(err)
+
+    def _leave_run_folder(self, abandon: bool) -> None:
+        """Release the run folder's lock; a run refused before it started leaves the folder
+        as it found it (and no new folder)."""
+        lock = getattr(self, "_run_lock", None)
+        self._run_lock = None
+        if lock is not None:
+            if abandon:
+                lock.undo()
+            lock.release()
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Add the random-state checkpointing, and a rich progress bar unless the bar is off or
@@ -213,6 +339,12 @@ class SwinCLI(LightningCLI):
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []
         callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), ResumeState()]
+        callbacks.append(Preflight())
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(CheckedCheckpointIO())  # checked, atomic checkpoint writes
+        kwargs.setdefault("plugins", plugins)
         wants_bar = config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(RichProgressBar())
@@ -223,15 +355,20 @@ class SwinCLI(LightningCLI):
 def cli_main(args: list[str] | None = None, run: bool = True) -> SwinCLI:
     """Run the CLI; ``args`` as on the command line (None: ``sys.argv``).
 
-    A run stopped by SIGTERM (its checkpoint saved) exits with code 143, not 0, so schedulers
-    and ``ablate`` do not take it for a finished run.
+    A run stopped by SIGTERM (its checkpoint saved) exits with code 143, or 130 for Ctrl+C,
+    not 0, so schedulers and ``ablate`` do not take it for a finished run.
     """
+    try:
+        check_config_files(sys.argv[1:] if args is None else list(args))
+    except ValueError as err:
+        _exit_on_input_error(err)
     try:
         return SwinCLI(
             SwinClassifier,
             ClassificationDataModule,
             subclass_mode_data=True,
             auto_configure_optimizers=False,
+            save_config_callback=SaveRunConfig,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=42,
             args=args,
@@ -239,3 +376,46 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> SwinCLI:
         )
     except SIGTERMException:
         sys.exit(SIGTERM_EXIT_CODE)
+
+
+# Settings that say where a run writes, not what it computes: left out of its fingerprint.
+VOLATILE_KEYS = (
+    ("trainer", "logger"), ("trainer", "enable_progress_bar"), ("trainer", "default_root_dir"),
+    ("checkpoint", "dirpath"), ("prediction_writer", "output"), ("seed_everything",),
+)  # fmt: skip
+
+
+def resolved_settings(args: list[str]) -> dict:
+    """The full config ``fit`` would run with ``args`` (no subcommand), without building
+    anything, minus :data:`VOLATILE_KEYS`. A rejected setting raises ValueError with the
+    parser's message."""
+    import contextlib
+    import io
+
+    class _ParseOnly(SwinCLI):
+        def before_instantiate_classes(self) -> None:
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+    check_config_files(args)
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            cli = _ParseOnly(
+                SwinClassifier, ClassificationDataModule, subclass_mode_data=True,
+                auto_configure_optimizers=False, seed_everything_default=42, args=args,
+                run=False,
+            )  # fmt: skip
+    except SystemExit:
+        lines = [ln for ln in stderr.getvalue().splitlines() if ln.strip()]
+        raise ValueError(" ".join(lines).removeprefix("error: ") or "invalid settings") from None
+    settings = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)) or {}
+    for path in VOLATILE_KEYS:
+        node = settings
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return settings

@@ -245,9 +245,11 @@ class SwinClassifier(L.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         self._eval_step("test", batch)
 
-    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        images, indices = batch
-        return {"indices": indices, "probs": self(images).softmax(dim=-1)}
+    def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int):
+        # (images, indices) or, from ImageListDataset, (images, indices, read errors)
+        images, indices = batch[0], batch[1]
+        errors = list(batch[2]) if len(batch) > 2 else [""] * len(indices)
+        return {"indices": indices, "probs": self(images).softmax(dim=-1), "errors": errors}
 
     def _eval_step(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         images, targets = batch

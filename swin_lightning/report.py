@@ -1,22 +1,62 @@
 """Ablation reports read back from TensorBoard event files.
 
-An experiment folder holds ``<variant>/seed_<n>/`` runs (as written by ``ablate``). For each
-run the report reads val top-1 per epoch, the final losses, the model size and the training
+An experiment folder holds ``<variant>/<settings>/seed_<n>/`` runs (as written by
+``ablate``; ``<settings>`` is the fingerprint of the run's resolved config). For each run the
+report reads val top-1 per epoch, the final losses, the model size and the training
 throughput from its events; it then aggregates seeds (mean +- sample std) per variant and
-compares every variant with the reference.
+compares every variant with the reference. A run whose event files are damaged (a record
+that fails its checksum) or hold no val top-1 is listed as damaged, and the others are
+reported.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import json
 import math
 import statistics
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from swin_lightning.storage import atomic_open, write_text
+
 VAL_ACC = "val/acc1"
+FINISHED = "finished.json"  # written by ablate when a run has finished, with its fingerprint
+SETTINGS = "settings.yaml"  # the resolved settings of a <variant>/<settings> folder
+
+
+class DamagedRunError(ValueError):
+    """A run's event files cannot be trusted: which file and what is wrong."""
+
+
+def check_event_file(path: Path) -> None:
+    """Raise :class:`DamagedRunError` if a record of a TensorBoard event file fails its CRC.
+
+    A file cut short in its last record (a writer killed mid-write) is not damage: TensorBoard
+    reads every complete record before it, and so does the report.
+    """
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    data = path.read_bytes()
+    offset = 0
+    while offset + 12 <= len(data):
+        header = data[offset : offset + 8]
+        (length,) = struct.unpack("<Q", header)
+        (header_crc,) = struct.unpack("<I", data[offset + 8 : offset + 12])
+        if header_crc != masked_crc32c(header):
+            raise DamagedRunError(f"{path}: damaged record at byte {offset} (bad length checksum)")
+        end = offset + 12 + length + 4
+        if end > len(data):
+            return  # truncated last record
+        body = data[offset + 12 : end - 4]
+        (body_crc,) = struct.unpack("<I", data[end - 4 : end])
+        if body_crc != masked_crc32c(body):
+            raise DamagedRunError(f"{path}: damaged record at byte {offset} (bad data checksum)")
+        offset = end
 
 
 @dataclass
@@ -50,7 +90,10 @@ def _values(acc: EventAccumulator, tag: str) -> list[float]:
 
 
 def read_run(run_dir: Path, variant: str, seed: str) -> RunResult | None:
-    """A run's figures, or None if it logged no validation top-1 yet."""
+    """A run's figures, or None if it logged no validation top-1 yet; a damaged event file
+    raises :class:`DamagedRunError`."""
+    for events in sorted(Path(run_dir).glob("events.out.tfevents.*")):
+        check_event_file(events)
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     val_acc1 = _values(acc, VAL_ACC)
@@ -71,14 +114,47 @@ def read_run(run_dir: Path, variant: str, seed: str) -> RunResult | None:
     )
 
 
-def read_experiment(exp_dir: str | Path) -> dict[str, list[RunResult]]:
-    """Every finished-or-running ``<variant>/seed_<n>`` run below ``exp_dir``, by variant."""
-    exp_dir = Path(exp_dir)
+def finished_runs(exp_dir: str | Path) -> dict[str, list[Path]]:
+    """The finished runs below ``exp_dir`` by variant, each variant with its most recently
+    finished settings only (runs whose ``finished.json`` matches their settings folder)."""
+    by_settings: dict[tuple[str, Path], list[Path]] = {}
+    for marker in sorted(Path(exp_dir).glob(f"*/*/seed_*/{FINISHED}")):
+        run_dir = marker.parent
+        try:
+            recorded = json.loads(marker.read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if recorded == run_dir.parent.name:
+            by_settings.setdefault((run_dir.parent.parent.name, run_dir.parent), []).append(run_dir)
+    newest: dict[str, list[Path]] = {}
+    for (variant, _), runs in sorted(
+        by_settings.items(), key=lambda item: max((r / FINISHED).stat().st_mtime for r in item[1])
+    ):
+        newest[variant] = runs  # later settings replace earlier ones
+    return newest
+
+
+def read_experiment(
+    exp_dir: str | Path,
+    run_dirs: dict[str, list[Path]] | None = None,
+    damaged: dict[str, str] | None = None,
+) -> dict[str, list[RunResult]]:
+    """Results of ``run_dirs`` (variant -> run folders; default :func:`finished_runs`), by
+    variant. A damaged run, or one without val top-1, is left out and named in ``damaged``
+    (run folder -> reason) when given."""
+    run_dirs = finished_runs(exp_dir) if run_dirs is None else run_dirs
     runs: dict[str, list[RunResult]] = {}
-    for run_dir in sorted(exp_dir.glob("*/seed_*")):
-        result = read_run(run_dir, run_dir.parent.name, run_dir.name.removeprefix("seed_"))
-        if result is not None:
-            runs.setdefault(result.variant, []).append(result)
+    for variant, dirs in run_dirs.items():
+        for run_dir in dirs:
+            try:
+                result = read_run(run_dir, variant, run_dir.name.removeprefix("seed_"))
+                if result is None:
+                    raise DamagedRunError(f"{run_dir}: no {VAL_ACC} in its event files")
+            except (DamagedRunError, OSError) as err:
+                if damaged is not None:
+                    damaged[str(run_dir)] = str(err)
+                continue
+            runs.setdefault(variant, []).append(result)
     return runs
 
 
@@ -171,7 +247,7 @@ CSV_FIELDS = [
 
 
 def write_csv(rows: list[VariantSummary], path: Path) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_FIELDS)
         for r in rows:
@@ -205,7 +281,10 @@ def plot_curves(runs: dict[str, list[RunResult]], path: Path, order: list[str] |
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    with atomic_open(path, "wb") as f:
+        f.write(png.getvalue())
 
 
 def write_report(
@@ -213,12 +292,17 @@ def write_report(
     reference: str | None = None,
     order: list[str] | None = None,
     failed: dict[str, list[str]] | None = None,
+    run_dirs: dict[str, list[Path]] | None = None,
 ) -> list[VariantSummary]:
-    """Write ``report.md``, ``report.csv`` and ``val_acc1.png`` into ``exp_dir``."""
+    """Write ``report.md``, ``report.csv`` and ``val_acc1.png`` into ``exp_dir`` for
+    ``run_dirs`` (variant -> run folders; default: each variant's newest finished settings)."""
     exp_dir = Path(exp_dir)
-    runs = read_experiment(exp_dir)
+    run_dirs = finished_runs(exp_dir) if run_dirs is None else run_dirs
+    damaged: dict[str, str] = {}
+    runs = read_experiment(exp_dir, run_dirs, damaged)
     if not runs:
-        raise FileNotFoundError(f"no runs with {VAL_ACC} logged below {exp_dir}/<variant>/seed_*")
+        listed = "".join(f"; {reason}" for reason in damaged.values())
+        raise FileNotFoundError(f"no finished runs with {VAL_ACC} below {exp_dir}{listed}")
     rows = summarize(runs, reference, order)
     reference = reference if reference in runs else rows[0].variant
     text = f"# Ablation report: {exp_dir.name}\n\n" + markdown_table(rows, reference)
@@ -226,9 +310,20 @@ def write_report(
         f"\nMean +- sample standard deviation over seeds; reference variant: {reference}. "
         "Read from the TensorBoard event files below this folder.\n\n![val top-1](val_acc1.png)\n"
     )
+    text += "\n## Settings shown\n\n"
+    for variant in [v for v in (order or sorted(run_dirs)) if v in run_dirs]:
+        folders = sorted({d.parent for d in run_dirs[variant]})
+        shown = ", ".join(f"`{f.name}` ({f.relative_to(exp_dir) / SETTINGS})" for f in folders)
+        text += f"- {variant}: {shown}\n"
+    text += (
+        "\nEach settings id is a fingerprint of the runs' resolved config (all but the seed "
+        "and output paths); runs of other settings in this folder are not in this report.\n"
+    )
     for variant, seeds in (failed or {}).items():
         text += f"\n**{variant} failed** for seed(s) {', '.join(seeds)}: see their fit.log.\n"
-    (exp_dir / "report.md").write_text(text)
+    for run_dir, reason in damaged.items():
+        text += f"\n**damaged run, not reported:** {run_dir}: {reason}\n"
+    write_text(exp_dir / "report.md", text)
     write_csv(rows, exp_dir / "report.csv")
     plot_curves(runs, exp_dir / "val_acc1.png", order)
     return rows

@@ -8,14 +8,21 @@
 - :class:`ResumableSampler` and :class:`ResumableDataLoader` make the training order a function
   of (seed, epoch) and can start an epoch part-way; :class:`ResumeState` saves and restores
   the loader's position and the torch, CUDA, numpy and python random states.
-- :func:`resolve_resume` turns ``--ckpt_path last|auto`` into a checkpoint path and pins the
-  logger to the resumed run's folder.
+- :func:`resolve_resume` turns ``--ckpt_path last|auto`` into a checkpoint path (checked to be
+  intact) and pins the logger to the resumed run's folder; :func:`claim_run_folder` gives a
+  new run its own ``version_<n>`` folder and locks the run's folder for this process.
+- :class:`CheckedCheckpointIO` saves checkpoints through :mod:`swin_lightning.storage`
+  (temporary file in the same folder, fsync, rename; a failed write is an error) and loads
+  them with ``weights_only=True`` and a clear error for damaged files; :class:`Preflight`
+  checks before the first batch that the run's folders take files and hold room for two
+  checkpoints.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,13 +31,75 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from swin_lightning.storage import (
+    RunLock,
+    WriteError,
+    check_writable,
+    checkpoint_bytes_estimate,
+    load_checkpoint,
+    remove_stale_tmp,
+    save_checkpoint,
+)
 
 LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION  # last.ckpt
 SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
+SIGINT_EXIT_CODE = 130  # 128 + SIGINT (Ctrl+C)
+
+
+class CheckedCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, writing and reading through :mod:`swin_lightning.storage`.
+
+    Lightning's own save goes through a temporary file under ``TMPDIR`` and a move, which is
+    a copy when logs live on another file system (a kill or a full disk then leaves a partial
+    ``last.ckpt``), and some write failures end in exit code 0. Here the temporary file lies
+    beside the checkpoint and is renamed only when complete; any failure raises
+    :class:`~swin_lightning.storage.WriteError`. Remote URLs (``s3://``...) keep Lightning's path.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options=None) -> None:
+        if "://" in str(path) or storage_options is not None:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        save_checkpoint(checkpoint, path)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ):
+        if "://" in str(path) or weights_only is False:
+            return super().load_checkpoint(path, map_location, weights_only)
+        return load_checkpoint(path, map_location if map_location is not None else "cpu")
+
+
+class Preflight(L.Callback):
+    """Before the first batch: the log and checkpoint folders take files and hold room for two
+    full checkpoints (weights, buffers and two optimizer moments per parameter); otherwise
+    one error naming the folder, the space needed and the space free."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run:
+            return
+        folders = [checkpoint_dir(trainer)]
+        if trainer.log_dir:  # broadcast from rank 0: every rank asks
+            folders.append(Path(trainer.log_dir))
+        error = None
+        if trainer.is_global_zero:
+            need = 2 * checkpoint_bytes_estimate(pl_module)
+            try:
+                check_writable(folders[0], need, what="two checkpoints of this model")
+                for folder in folders[1:]:
+                    check_writable(folder)
+            except OSError as err:
+                error = err
+        # Every rank stops together, or the others would wait in the first collective.
+        if trainer.strategy.broadcast(error is not None) and error is None:
+            raise OSError("preflight failed on rank 0: see its error")
+        if error is not None:
+            raise error
 
 
 def checkpoint_dir(trainer: L.Trainer) -> Path:
@@ -51,8 +120,9 @@ class StepCheckpoint(L.Callback):
     Args:
         every_n_train_steps: Save every n optimizer steps (0: only at epoch ends and on
             SIGTERM).
-        on_sigterm: Save when a SIGTERM (preemption, SLURM, ``kill``) stops the run; it stops
-            at the next batch boundary and exits with code 143.
+        on_sigterm: Save when a SIGTERM (preemption, SLURM, ``kill``) or a Ctrl+C (SIGINT)
+            stops the run; it stops at the next batch boundary and exits with code 143
+            (SIGTERM) or 130 (SIGINT). A second Ctrl+C stops at once, without saving.
     """
 
     def __init__(self, every_n_train_steps: int = 100, on_sigterm: bool = True):
@@ -64,6 +134,8 @@ class StepCheckpoint(L.Callback):
         self.on_sigterm = on_sigterm
         self.saved_step: int | None = None
         self.saved_path: Path | None = None
+        self.stop_signal: int | None = None
+        self._previous_sigint: Any = None
 
     def _skip(self, trainer: L.Trainer) -> bool:
         return bool(trainer.fast_dev_run) or trainer.sanity_checking
@@ -74,6 +146,29 @@ class StepCheckpoint(L.Callback):
         trainer.save_checkpoint(path, weights_only=False)
         self.saved_step, self.saved_path = trainer.global_step, path
         return path
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Ctrl+C goes the way of SIGTERM: Lightning stops at the next batch boundary, where
+        # the state is consistent, and on_exception saves it. (Lightning's own SIGINT path
+        # stops mid-step and saves nothing.)
+        self.stop_signal = None
+        if self.on_sigterm and not self._skip(trainer) and _in_main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl+C: stop now
+        self.stop_signal = signal.SIGINT
+        rank_zero_info(
+            "Ctrl+C: stopping after this batch and saving last.ckpt (press it again to stop "
+            "at once, without saving)"
+        )
+        signal.raise_signal(signal.SIGTERM)  # Lightning's handler: the stop flag, DDP ranks
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_sigint is not None and _in_main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint = None
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         n = self.every_n_train_steps
@@ -102,10 +197,17 @@ class StepCheckpoint(L.Callback):
         if self._skip(trainer) or trainer.state.fn != "fit":
             return
         path = self.save(trainer)
+        name = "SIGINT (Ctrl+C)" if self.stop_signal == signal.SIGINT else "SIGTERM"
         rank_zero_info(
-            f"SIGTERM: saved {path} at global step {trainer.global_step}; resume with "
+            f"{name}: saved {path} at global step {trainer.global_step}; resume with "
             "`fit --config ... --ckpt_path last` (or `--ckpt_path auto`)."
         )
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -346,10 +448,19 @@ def resolve_resume(config: Any, subcommand: str) -> Path | None:
         config.ckpt_path = str(ckpt)
     else:
         ckpt = Path(str(requested))
-        if not ckpt.exists():
-            raise FileNotFoundError(f"--ckpt_path {ckpt}: no such checkpoint")
+    # A damaged, truncated or foreign file stops here, naming the newest intact checkpoint.
+    step = int(load_checkpoint(ckpt, mmap=True)["global_step"])
     if subcommand != "fit" or logger is None or root is None:
         return ckpt
+    run = ckpt.resolve().parent.parent
+    is_last = re.fullmatch(r"last(-v\d+)?\.ckpt", ckpt.name) is not None
+    if ckpt.parent.name == "checkpoints" and run.parent == root.resolve() and is_last:
+        if logger.version is None:
+            logger.version = run.name
+        if _run_dir_name(logger.version) == run.name:
+            logger.purge_step = step
+            print(f"Resuming {ckpt} (step {step}), logging into {run}", file=sys.stderr)
+    return ckpt
     run = ckpt.resolve().parent.parent
     is_last = re.fullmatch(r"last(-v\d+)?\.ckpt", ckpt.name) is not None
     if ckpt.parent.name == "checkpoints" and run.parent == root.resolve() and is_last:
@@ -362,3 +473,58 @@ def resolve_resume(config: Any, subcommand: str) -> Path | None:
                 f"Resuming {ckpt} (step {logger.purge_step}), logging into {run}", file=sys.stderr
             )
     return ckpt
+
+
+def claim_run_folder(config: Any, subcommand: str) -> RunLock | None:
+    """Give this process its run folder: a new run gets a fresh ``version_<n>`` (created
+    atomically, so two runs started at once never share one), and the folder is locked
+    (:class:`~swin_lightning.storage.RunLock`) until the process ends. A ``fit`` without
+    ``--ckpt_path`` into a folder that already holds checkpoints is refused: it would
+    overwrite that run. Called before anything is written; on rank 0 only.
+    """
+    if config.trainer.get("fast_dev_run") or rank_zero_only.rank != 0:
+        return None
+    logger = _logger_args(config)
+    dirpath = config.get("checkpoint", {}).get("dirpath") if "checkpoint" in config else None
+    created = False
+    if dirpath:
+        folder = Path(dirpath)
+    elif logger is not None:
+        root = Path(logger.save_dir) / (logger.name or "")
+        if logger.version is None:
+            logger.version, created = _new_version(root), True
+        folder = root / _run_dir_name(logger.version)
+    else:
+        folder = Path(config.trainer.get("default_root_dir") or ".") / "checkpoints"
+    lock = RunLock(folder).acquire()
+    lock.created = created
+    checkpoints = folder if dirpath or logger is None else folder / "checkpoints"
+    if subcommand == "fit" and config.get("ckpt_path") is None:
+        earlier = sorted(checkpoints.glob("*.ckpt")) if checkpoints.is_dir() else []
+        if earlier:
+            lock.release()
+            raise ValueError(
+                f"{folder} already holds a run ({earlier[0].name}); a new fit would overwrite "
+                "it. Resume it with --ckpt_path last, or leave "
+                "trainer.logger.init_args.version unset (or set checkpoint.dirpath) for a new "
+                "folder"
+            )
+    remove_stale_tmp(checkpoints)
+    remove_stale_tmp(folder)
+    return lock
+
+
+def _new_version(root: Path) -> int:
+    """The next ``version_<n>`` below ``root``, created here (mkdir is atomic)."""
+    existing = [int(m.group(1)) for p in root.glob("version_*")
+                if (m := re.fullmatch(r"version_(\d+)", p.name))]  # fmt: skip
+    version = max(existing, default=-1) + 1
+    while True:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            (root / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:
+            version += 1
+        except OSError as err:
+            raise WriteError(root / f"version_{version}", err) from err

@@ -44,9 +44,14 @@ def test_runs_are_laid_out_per_variant_and_seed(experiment):
     assert sorted((o.variant, o.seed, o.status) for o in outcomes) == [
         ("no_shift", 0, "done"), ("no_shift", 1, "done"), ("shift", 0, "done"), ("shift", 1, "done"),
     ]  # fmt: skip
+    for o in outcomes:  # <experiment>/<variant>/<settings fingerprint>/seed_<n>
+        assert o.run_dir.parent.parent == exp_dir / o.variant
+        assert o.run_dir.name == f"seed_{o.seed}"
+    settings = {o.variant: o.run_dir.parent.name for o in outcomes}
+    assert len(set(settings.values())) == 2  # one per variant, shared by its seeds
     for variant in ("shift", "no_shift"):
         for seed in (0, 1):
-            run = exp_dir / variant / f"seed_{seed}"
+            run = exp_dir / variant / settings[variant] / f"seed_{seed}"
             assert (run / "finished.json").is_file() and (
                 run / "checkpoints" / "last.ckpt"
             ).is_file()
@@ -62,7 +67,7 @@ def test_report_matches_event_files(experiment):
         rows = {r["variant"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"shift", "no_shift"}
     for variant, row in rows.items():
-        curves = [val_acc1(exp_dir / variant / f"seed_{s}") for s in (0, 1)]
+        curves = [val_acc1(next(exp_dir.glob(f"{variant}/*/seed_{s}"))) for s in (0, 1)]
         best = [max(c) for c in curves]
         final = [c[-1] for c in curves]
         assert float(row["best_val_acc1_mean"]) == pytest.approx(statistics.fmean(best))
@@ -82,7 +87,7 @@ def test_report_matches_event_files(experiment):
 
 def test_hparams_and_images_in_tensorboard(experiment):
     exp_dir, _ = experiment
-    acc = EventAccumulator(str(exp_dir / "no_shift" / "seed_1"))
+    acc = EventAccumulator(str(next(exp_dir.glob("no_shift/*/seed_1"))))
     acc.Reload()
     assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
     assert {"hp/best_val_acc1", "hp/final_val_acc1"} <= set(acc.Tags()["scalars"])
@@ -108,17 +113,16 @@ def test_interrupted_run_resumes_and_failed_variant_is_reported(tmp_path):
         "variants": {"ok": [str(CONFIGS / "ablations" / "shift.yaml")],
                      "broken": ["model.net.window_size=0"]},
     }))  # fmt: skip
-    short = [a for a in TINY if not a.startswith("trainer.max_epochs")]
-    # First attempt stops after 1 epoch: as if killed, it leaves last.ckpt but no finished.json.
-    run_ablation([BASE], str(spec), str(tmp_path), [*short, "trainer.max_epochs=1"])
-    run = tmp_path / "mixed" / "ok" / "seed_0"
+    # First attempt: as if killed after its last save, it leaves last.ckpt but no
+    # finished.json (a real kill and resume: test_reliability.py).
+    run_ablation([BASE], str(spec), str(tmp_path), TINY)
+    run = next((tmp_path / "mixed" / "ok").glob("*/seed_0"))
     (run / "finished.json").unlink()
-    code = main(["--config", BASE, str(spec), "--log_dir", str(tmp_path), *short,
-                 "trainer.max_epochs=2"])  # fmt: skip
+    code = main(["--config", BASE, str(spec), "--log_dir", str(tmp_path), *TINY])
     assert code == 1  # the broken variant failed
     assert json.loads((run / "finished.json").read_text())["resumed"] is True
-    assert len(val_acc1(run)) == 2  # epoch 1 from the first attempt, epoch 2 after resuming
-    broken = tmp_path / "mixed" / "broken" / "seed_0"
+    assert len(val_acc1(run)) == 2
+    broken = next((tmp_path / "mixed" / "broken").glob("*/seed_0"))
     assert not (broken / "finished.json").exists()
     assert "window_size=0 must be >= 1" in (broken / "fit.log").read_text()
     report = (tmp_path / "mixed" / "report.md").read_text()

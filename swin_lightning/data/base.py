@@ -17,7 +17,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tif
 
 
 class ImageListDataset(Dataset):
-    """Every image file below ``root`` (sorted), yielding ``(image, index)`` for prediction."""
+    """Every image file below ``root`` (sorted), yielding ``(image, index, error)`` for
+    prediction. An unreadable image yields a blank image and the reason as ``error`` (empty
+    for a good one), so one broken file does not stop the others' predictions."""
 
     def __init__(self, root: str | Path, transform: Callable):
         root = Path(root)
@@ -36,8 +38,12 @@ class ImageListDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        with Image.open(self.paths[index]) as img:
-            return self.transform(img.convert("RGB")), index
+        try:
+            with Image.open(self.paths[index]) as img:
+                return self.transform(img.convert("RGB")), index, ""
+        except (OSError, ValueError, SyntaxError) as err:  # what PIL raises for broken files
+            blank = Image.new("RGB", (64, 64))
+            return self.transform(blank), index, f"{type(err).__name__}: {err}"
 
 
 class ClassificationDataModule(L.LightningDataModule):
@@ -105,6 +111,14 @@ class ClassificationDataModule(L.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         seed = int(os.getenv("PL_GLOBAL_SEED", "0"))  # set by seed_everything, as Lightning does
         sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=seed)
+        if len(sampler) < self.batch_size:  # drop_last: not one full batch, 0 steps an epoch
+            devices = f", {len(sampler)} on each of {world} devices" if world > 1 else ""
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is larger than the training set "
+                f"({len(dataset)} images{devices}): training drops the last "
+                "incomplete batch (drop_last), so an epoch would have 0 steps; set "
+                f"data.batch_size to at most {len(sampler)}"
+            )
         return ResumableDataLoader(
             dataset, sampler=sampler, drop_last=True, generator=torch.Generator(), **kwargs
         )
