@@ -219,12 +219,14 @@ def run_one(
         lock = RunLock(run_dir).acquire()
     except RunBusyError as err:
         return RunOutcome(variant, seed, "busy", run_dir=run_dir, message=str(err))
-    with lock:
+    try:
         if finished_fingerprint(run_dir) == fp:
             return RunOutcome(variant, seed, "skipped", run_dir=run_dir)
         if not (run_dir.parent / SETTINGS).is_file():
             write_text(run_dir.parent / SETTINGS, yaml.safe_dump(settings, sort_keys=False))
         return _train(settings_args, seed, run_dir, lock, fp, spec.variants[variant], forwarder)
+    finally:
+        lock.release()
 
 
 def _train(

@@ -39,7 +39,13 @@ from swin_lightning.resilience import (
     claim_run_folder,
     resolve_resume,
 )
-from swin_lightning.storage import CheckpointError, RunBusyError, WriteError, write_text
+from swin_lightning.storage import (
+    CheckpointError,
+    RunBusyError,
+    WriteError,
+    load_checkpoint,
+    write_text,
+)
 
 TRAINER_DEFAULTS = {
     # One versioned folder per run under logs/<name>/version_<n>: never overwritten.
@@ -306,6 +312,18 @@ class SwinCLI(LightningCLI):
             raise
         finally:
             self._leave_run_folder(abandon=not started)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyperparameters of a --ckpt_path file right after parsing,
+        # with a bare torch.load: check the file first, so a damaged one is one error line.
+        subcommand = self.config.get("subcommand")
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt and Path(ckpt).is_file():
+            try:
+                load_checkpoint(ckpt, mmap=True)
+            except CheckpointError as err:
+                _exit_on_input_error(err)
+        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         """Check the run before anything is built or written: resolve ``--ckpt_path
