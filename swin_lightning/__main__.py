@@ -10,8 +10,12 @@ def main() -> None:
         sys.exit(ablate(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "bench":
         from swin_lightning.bench import main as bench
+        from swin_lightning.storage import WriteError
 
-        sys.exit(bench(sys.argv[2:]))
+        try:
+            sys.exit(bench(sys.argv[2:]))
+        except WriteError as err:  # the figures could not be saved: one line, not a traceback
+            sys.exit(f"error: {err}")
     from swin_lightning.cli import cli_main
 
     cli_main()

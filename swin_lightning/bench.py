@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from swin_lightning.storage import save_figure, write_text
+
 
 # ---------------------------------------------------------------- timing harness
 def interleaved(
@@ -379,7 +381,7 @@ def plot_scaling(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- 4. input pipeline
@@ -595,8 +597,9 @@ def run(args: argparse.Namespace) -> str:
         )
     md += ["", f"Total benchmark time: {time.perf_counter() - started:.0f} s.", ""]
     text = "\n".join(md)
-    Path(args.out).write_text(text)
-    (out_dir / "bench_results.json").write_text(
+    write_text(args.out, text)
+    write_text(
+        out_dir / "bench_results.json",
         json.dumps(
             {
                 "models": rows,
@@ -606,7 +609,7 @@ def run(args: argparse.Namespace) -> str:
                 "attention": attention,
             },
             indent=1,
-        )
+        ),
     )
     return text
 

@@ -12,7 +12,6 @@ reported.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import statistics
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from swin_lightning.storage import atomic_open, write_text
+from swin_lightning.storage import atomic_open, save_figure, write_text
 
 VAL_ACC = "val/acc1"
 FINISHED = "finished.json"  # written by ablate when a run has finished, with its fingerprint
@@ -281,10 +280,7 @@ def plot_curves(runs: dict[str, list[RunResult]], path: Path, order: list[str] |
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png")
-    with atomic_open(path, "wb") as f:
-        f.write(png.getvalue())
+    save_figure(fig, path)
 
 
 def write_report(

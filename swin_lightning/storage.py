@@ -118,6 +118,13 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Atomically save a matplotlib figure (format from the suffix)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png")
+    return write_bytes(path, buffer.getvalue())
+
+
 def remove_stale_tmp(folder: Path) -> list[Path]:
     """Delete temporary files that killed writers left in ``folder`` (call with its lock held)."""
     removed = []
@@ -199,6 +206,7 @@ class RunLock:
         inherited = self._inherited_fd()
         if inherited is not None:
             self.fd, self.inherited = inherited, True
+            self._before = self._files()
             return self
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
