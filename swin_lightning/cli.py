@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 from lightning import LightningModule, Trainer
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -294,6 +295,13 @@ class SwinCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         # Data setup, checkpoint loading and optimizer checks fail before the first batch.
         started = False
+        if os.environ.get(LAUNCHER_ENV):  # a run of `ablate`: say what it was given
+            import torch
+
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+            print(f"[{subcommand}] launcher: {os.environ[LAUNCHER_ENV]}, torch threads: "
+                  f"{torch.get_num_threads()}, CUDA_VISIBLE_DEVICES={visible}",
+                  file=sys.stderr, flush=True)  # fmt: skip
         try:
             super()._run_subcommand(subcommand)
             started = True
@@ -362,6 +370,10 @@ class SwinCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(CheckedCheckpointIO())  # checked, atomic checkpoint writes
+        if os.environ.get(LAUNCHER_ENV) == "slurm" and not any(
+            isinstance(p, ClusterEnvironment) for p in plugins
+        ):  # submitit owns requeueing (on USR2); Lightning's own (on USR1) stays off
+            plugins.append(SLURMEnvironment(auto_requeue=False))
         kwargs.setdefault("plugins", plugins)
         wants_bar = config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
@@ -397,6 +409,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> SwinCLI:
 
 
 # Settings that say where a run writes, not what it computes: left out of its fingerprint.
+LAUNCHER_ENV = "SWIN_LIGHTNING_LAUNCHER"  # set by ablate's launchers for the runs they start
 VOLATILE_KEYS = (
     ("trainer", "logger"), ("trainer", "enable_progress_bar"), ("trainer", "default_root_dir"),
     ("checkpoint", "dirpath"), ("prediction_writer", "output"), ("seed_everything",),

@@ -289,9 +289,11 @@ def write_report(
     order: list[str] | None = None,
     failed: dict[str, list[str]] | None = None,
     run_dirs: dict[str, list[Path]] | None = None,
+    not_finished: list[str] | None = None,
 ) -> list[VariantSummary]:
     """Write ``report.md``, ``report.csv`` and ``val_acc1.png`` into ``exp_dir`` for
-    ``run_dirs`` (variant -> run folders; default: each variant's newest finished settings)."""
+    ``run_dirs`` (variant -> run folders; default: each variant's newest finished settings);
+    ``not_finished`` lists the runs still to come (one line each, e.g. "shift seed 2: running")."""
     exp_dir = Path(exp_dir)
     run_dirs = finished_runs(exp_dir) if run_dirs is None else run_dirs
     damaged: dict[str, str] = {}
@@ -319,6 +321,9 @@ def write_report(
         text += f"\n**{variant} failed** for seed(s) {', '.join(seeds)}: see their fit.log.\n"
     for run_dir, reason in damaged.items():
         text += f"\n**damaged run, not reported:** {run_dir}: {reason}\n"
+    if not_finished:
+        text += "\n## Not finished yet (not in this report)\n\n"
+        text += "".join(f"- {line}\n" for line in not_finished)
     write_text(exp_dir / "report.md", text)
     write_csv(rows, exp_dir / "report.csv")
     plot_curves(runs, exp_dir / "val_acc1.png", order)

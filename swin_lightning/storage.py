@@ -199,6 +199,23 @@ class RunLock:
             text = ""
         return text or "an unknown process"
 
+    def held_by(self) -> str | None:
+        """Who holds the lock now (as recorded), or None when the folder is free. Takes
+        nothing: a free folder stays free."""
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None  # no lock file: nobody ever locked it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return self.holder()
+        finally:
+            os.close(fd)  # drops the shared lock taken for the test
+        return None
+
     def acquire(self) -> RunLock:
         """Take the lock, or raise :class:`RunBusyError` naming the holder."""
         import fcntl
