@@ -154,8 +154,8 @@ def run_ablation(
     todo, left = select([read_status(r, progress=False) for r in runs], retry_failed)
     outcomes += left
     for o in left:
-        if o.status == "failed":
-            print(f"[ablate] {o.variant} seed {o.seed}: {o.message}", flush=True)
+        note = f": {o.message}" if o.message else " (finished before)"
+        print(f"[ablate] {o.variant} seed {o.seed}: {o.status}{note}", flush=True)
     launched, stopped_by = chosen.launch(todo, log=lambda line: print(line, flush=True))
     outcomes += launched
     if stopped_by:

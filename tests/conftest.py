@@ -80,3 +80,27 @@ TINY_DEMO = [
     "--trainer.max_epochs=2",
     "--trainer.log_every_n_steps=1",
 ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real single-node SLURM (slurmctld + slurmd on localhost) for the session's tests.
+
+    Skips where it cannot start (not installed, not root), unless SWIN_REQUIRE_SLURM=1 (CI),
+    where that is a failure."""
+    import os
+    import shutil
+    import tempfile
+
+    from tests.slurm_cluster import missing_reason, start_cluster
+
+    reason = missing_reason()
+    if reason:
+        if os.environ.get("SWIN_REQUIRE_SLURM") == "1":
+            pytest.fail(f"SWIN_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    folder = Path(tempfile.mkdtemp(prefix="swin-slurm-"))
+    cluster = start_cluster(folder)
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(folder, ignore_errors=True)

@@ -14,9 +14,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -42,13 +43,28 @@ class RunOutcome:
 
 @dataclass
 class Attempt:
-    """A started ``fit`` process of a run."""
+    """A started ``fit`` process of a run, reaped by a thread of its own, so a signal handler
+    may wait for it while the main thread waits too (``Popen.wait`` is not re-entrant)."""
 
     run: Run
     process: subprocess.Popen
     resumed: bool
     log: IO[str]
     started: float
+    code: int | None = None
+    ended: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._reap, daemon=True).start()
+
+    def _reap(self) -> None:
+        self.code = self.process.wait()
+        self.ended.set()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The exit code, or None if it has not ended within ``timeout`` seconds."""
+        self.ended.wait(timeout)
+        return self.code
 
 
 def fit_command(run: Run, resume: bool) -> list[str]:
@@ -111,9 +127,8 @@ def start(
     cmd = fit_command(run, resume)
     child_env = {**os.environ, "SWIN_LIGHTNING_LAUNCHER": launcher, **(env or {}),
                  **(lock.env() if lock else {})}  # fmt: skip
-    log = open(
-        run.dir / ("fit.log" if lock else f"fit.rank{os.environ.get('SLURM_PROCID')}.log"), "a"
-    )  # noqa: SIM115
+    name = "fit.log" if lock else f"fit.rank{os.environ.get('SLURM_PROCID')}.log"
+    log = open(run.dir / name, "a")  # noqa: SIM115 (closed by finish)
     log.write(" ".join(cmd) + "\n")
     log.flush()
     # Its own session (a Ctrl+C reaches it through the launcher, once), the run's lock handed

@@ -166,7 +166,7 @@ class LocalLauncher:
                     active[free.pop(0)] = (started, lock)
                     forwarder.children = [a.process for a, _ in active.values()]
                 for slot, (a, lock) in list(active.items()):
-                    code = a.process.poll()
+                    code = a.code
                     if code is None:
                         continue
                     try:
@@ -217,7 +217,7 @@ class RunJob:
         if int(os.environ.get("SLURM_PROCID", "0")) != 0:
             a = attempt.start(run, None, "slurm", env=env, ignore=(signal.SIGUSR2,))
             self._attempt = a
-            return f"rank exit code {a.process.wait()}"
+            return f"rank exit code {a.wait()}"
         try:
             lock = RunLock(run.dir).acquire()
         except RunBusyError as err:
@@ -237,7 +237,7 @@ class RunJob:
                 run, lock, "slurm", env=env, ignore=(signal.SIGUSR2,), job_id=self.job_id(),
                 stdout=job.get("stdout"), stderr=job.get("stderr"), requeues=requeues,
             )  # fmt: skip
-            code = self._attempt.process.wait()
+            code = self._attempt.wait()
             if self._requeued:
                 return "requeued"
             # A SIGTERM that was no requeue of ours: scancel, or SLURM ending the job.
@@ -254,13 +254,14 @@ class RunJob:
         a = self._attempt
         if a is None:  # the signal came before training began: just go again
             return submitit.helpers.DelayedSubmission(RunJob(self.run, self.max_requeues))
-        if a.process.poll() is None:
-            os.killpg(a.process.pid, signal.SIGTERM)
-        try:
-            code = a.process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(a.process.pid, signal.SIGKILL)
-            code = a.process.wait()
+        if a.code is None:
+            with suppress(ProcessLookupError):
+                os.killpg(a.process.pid, signal.SIGTERM)
+        code = a.wait(timeout=120)
+        if code is None:  # it did not save in time
+            with suppress(ProcessLookupError):
+                os.killpg(a.process.pid, signal.SIGKILL)
+            code = a.wait()
         if int(os.environ.get("SLURM_PROCID", "0")) != 0:
             return None
         requeues = self.requeues()

@@ -177,7 +177,7 @@ def _progress(run_dir: Path) -> tuple[int | None, int | None, float | None, str]
     epoch = step = best = None
     if "epoch" in tags:
         last = max(acc.Scalars("epoch"), key=lambda e: e.step)
-        epoch, step = int(last.value), int(last.step)
+        epoch, step = int(last.value) + 1, int(last.step)  # epoch: 1-based, as "epoch 3 of 12"
     if "val/acc1" in tags:
         best = max(e.value for e in acc.Scalars("val/acc1"))
     return epoch, step, best, ""

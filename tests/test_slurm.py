@@ -1,0 +1,141 @@
+"""`ablate --launcher slurm` against a real single-node SLURM: job arrays, status while they run,
+preemption and requeue with exact resume, the requeue limit, --retry_failed, scancel."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from swin_lightning.ablate import main
+from swin_lightning.report import read_run
+from swin_lightning.runs.store import Experiment, RunStatus, read_status
+from tests.conftest import CONFIGS
+from tests.test_ablation import BASE, TINY
+
+pytestmark = pytest.mark.slow
+SHIFT, NO_SHIFT = (str(CONFIGS / "ablations" / f"{v}.yaml") for v in ("shift", "no_shift"))
+
+
+def write_spec(folder: Path, name: str, variants: dict[str, list[str]]) -> str:
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"experiment": name, "seeds": [0], "variants": variants}))
+    return str(path)
+
+
+def job_logs(exp_dir: Path) -> str:
+    """The SLURM jobs' stderr, for assertion messages."""
+    return "".join(f"\n--- {p}\n{p.read_text()[-3000:]}" for p in exp_dir.glob(".submitit/*/*.err"))
+
+
+def wait_until(exp_dir: Path, ready, timeout: float = 180) -> list[RunStatus]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        statuses = [read_status(r) for r in Experiment.load(exp_dir).runs]
+        if ready(statuses):
+            return statuses
+        time.sleep(1)
+    states = [(s.run.variant, s.state, s.step, s.attempts, s.message) for s in statuses]
+    raise AssertionError(f"timed out; runs: {states}{job_logs(exp_dir)}")
+
+
+def slurm_args(*extra: str) -> list[str]:
+    return ["--launcher", "slurm", "--partition", "low", "--time_min", "10", *extra]
+
+
+def test_array_status_and_report(slurm, tmp_path, capsys):
+    spec = write_spec(tmp_path, "array", {"shift": [SHIFT], "no_shift": [NO_SHIFT]})
+    code = main(["--config", BASE, spec, "--log_dir", str(tmp_path), *TINY,
+                 *slurm_args("--cpus_per_task", "1")])  # fmt: skip
+    assert code == 0
+    exp_dir = tmp_path / "array"
+    jobs = [json.loads(p.read_text()) for p in sorted(exp_dir.glob("*/*/seed_0/job.json"))]
+    ids = sorted(j["job_id"] for j in jobs)
+    array = ids[0].split("_")[0]
+    assert ids == [f"{array}_0", f"{array}_1"]  # one array, one task per run
+    assert all(Path(j["stdout"]).parent.parent == exp_dir / ".submitit" for j in jobs)
+    # While it runs: status shows the runs with their jobs, none finished before they are.
+    seen = wait_until(exp_dir, lambda ss: any(s.state == "running" for s in ss))
+    assert {s.job_id for s in seen} == set(ids)
+    assert main(["status", str(exp_dir)]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"(shift|no_shift)\s+0\s+running", table) and array in table
+    done = wait_until(exp_dir, lambda ss: all(s.state == "finished" for s in ss))
+    assert all(s.attempts == 1 and s.host and s.best_val_acc1 is not None for s in done)
+    assert main(["report", "array", "--log_dir", str(tmp_path)]) == 0
+    report = (exp_dir / "report.md").read_text()
+    assert "| shift | 1 |" in report and "| no_shift | 1 |" in report
+    assert main(["status", str(exp_dir)]) == 0
+    assert "2 runs: 2 finished" in capsys.readouterr().out
+    # Submitting again launches nothing: both are finished.
+    code = main(["--config", BASE, spec, "--log_dir", str(tmp_path), *TINY, *slurm_args()])
+    assert code == 0 and "skipped" in capsys.readouterr().out
+
+
+def saved_and_resumed_steps(fit_log: str) -> tuple[list[int], list[int]]:
+    saved = [int(s) for s in re.findall(r"SIGTERM: saved .* at global step (\d+)", fit_log)]
+    resumed = [int(s) for s in re.findall(r"Resuming .*last\.ckpt \(step (\d+)\)", fit_log)]
+    return saved, resumed
+
+
+def test_preemption_requeue_limit_and_retry(slurm, tmp_path):
+    """Preempted (a job in the higher partition takes the node), the run saves, is requeued
+    and resumes; a second requeue (scontrol) passes max_requeues=1, so the next attempt is
+    refused and the run shows failed; --retry_failed resumes it to the end. No step lost or
+    repeated."""
+    spec = write_spec(tmp_path, "preempt", {"shift": [SHIFT]})
+    longer = [*TINY, "trainer.max_epochs=6", "data.init_args.train_size=640",
+              "step_checkpoint.every_n_train_steps=5", "attention_images.every_n_epochs=100"]  # fmt: skip
+    args = ["--config", BASE, spec, "--log_dir", str(tmp_path), *longer,
+            *slurm_args("--cpus_per_task", str(slurm.cpus), "--max_requeues", "1")]  # fmt: skip
+    assert main(args) == 0
+    exp_dir = tmp_path / "preempt"
+    wait_until(exp_dir, lambda ss: ss[0].state == "running" and (ss[0].step or 0) >= 8)
+    slurm.run("sbatch", "-p", "high", "-c", str(slurm.cpus), "--wrap", "sleep 1")
+    (s,) = wait_until(exp_dir, lambda ss: ss[0].attempts == 2 and (ss[0].step or 0) >= 40)
+    slurm.run("scontrol", "requeue", s.job_id)  # the second requeue: one past the limit
+    (s,) = wait_until(exp_dir, lambda ss: ss[0].state == "failed")
+    assert "requeued 2 times" in s.message and "max_requeues=1" in s.message, s.message
+    assert main([*args, "--retry_failed"]) == 0
+    (s,) = wait_until(exp_dir, lambda ss: ss[0].state == "finished")
+    run_dir = s.run.dir
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["attempts"] == 3 and s.attempts == 3
+    saved, resumed = saved_and_resumed_steps((run_dir / "fit.log").read_text())
+    assert len(saved) == 2 and saved == resumed, (saved, resumed)  # each resumed where it saved
+    total = 6 * 640 // 32
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)
+    assert last["global_step"] == total
+    steps = sorted(read_run_steps(run_dir))
+    assert steps == list(range(total)), "a step was lost or logged twice"
+    result = read_run(run_dir, "shift", "0")
+    assert result is not None and len(result.val_acc1) == 6  # one validation per epoch
+
+
+def read_run_steps(run_dir: Path) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return sorted({e.step for e in acc.Scalars("train/loss")})
+
+
+def test_scancel_shows_failed(slurm, tmp_path, capsys):
+    spec = write_spec(tmp_path, "cancel", {"shift": [SHIFT]})
+    long = [*TINY, "trainer.max_epochs=200"]
+    assert main(["--config", BASE, spec, "--log_dir", str(tmp_path), *long, *slurm_args()]) == 0
+    exp_dir = tmp_path / "cancel"
+    (s,) = wait_until(exp_dir, lambda ss: ss[0].state == "running" and (ss[0].step or 0) > 0)
+    slurm.run("scancel", s.job_id)
+    (s,) = wait_until(exp_dir, lambda ss: ss[0].state == "failed", timeout=60)
+    assert "SIGTERM" in s.message or "CANCELLED" in s.message, s.message
+    start = time.perf_counter()
+    assert main(["status", str(exp_dir)]) == 0
+    assert time.perf_counter() - start < 30  # status never waits on a job
+    out = capsys.readouterr().out
+    assert "1 failed" in out and "failed: shift seed 0" in out
