@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import statistics
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -14,6 +16,7 @@ from nbclient import NotebookClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from swin_lightning.ablate import AblationSpec, main, run_ablation
+from swin_lightning.runs.spec import LauncherSettings
 from tests.conftest import CONFIGS, REPO
 
 BASE = str(CONFIGS / "ablations" / "window_pairs.yaml")
@@ -127,6 +130,42 @@ def test_interrupted_run_resumes_and_failed_variant_is_reported(tmp_path):
     assert "window_size=0 must be >= 1" in (broken / "fit.log").read_text()
     report = (tmp_path / "mixed" / "report.md").read_text()
     assert "| ok | 1 |" in report and "**broken failed** for seed(s) 0" in report
+
+
+def read_csv(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as f:
+        return {r["variant"]: r for r in csv.DictReader(f)}
+
+
+def test_parallel_report_equals_sequential_and_threads_are_split(experiment, tmp_path, capsys):
+    """`--parallel 2` on this machine: both runs at once, one thread each (2 cores)."""
+    seq_dir, _ = experiment  # the same spec, run one after another
+    spec = str(CONFIGS / "ablations" / "specs" / "shift.yaml")
+    launcher = LauncherSettings(parallel=2)
+    exp_dir, outcomes = run_ablation([BASE], spec, str(tmp_path), TINY, [0, 1], launcher)
+    assert sorted(o.status for o in outcomes) == ["done"] * 4
+    assert main(["status", str(exp_dir)]) == 0
+    assert "4 runs: 4 finished" in capsys.readouterr().out
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    for o in outcomes:
+        log = (o.run_dir / "fit.log").read_text()
+        assert f"launcher: local, torch threads: {threads}," in log
+        assert json.loads((o.run_dir / "run.json").read_text())["slot_env"] == {
+            "OMP_NUM_THREADS": threads
+        }
+    parallel, sequential = read_csv(exp_dir / "report.csv"), read_csv(seq_dir / "report.csv")
+    assert parallel.keys() == sequential.keys() == {"shift", "no_shift"}
+    for variant, row in parallel.items():
+        same = ("seeds", "params", "gmacs", "best_val_acc1_mean", "final_val_acc1_mean")
+        assert {k: row[k] for k in same} == {k: sequential[variant][k] for k in same}
+        loss = float(sequential[variant]["final_val_loss_mean"])
+        assert float(row["final_val_loss_mean"]) == pytest.approx(loss, abs=1e-4)
+    # Runs overlapped: each started before the other ended.
+    spans = sorted(
+        (r["started"], r["ended"])
+        for r in (json.loads((o.run_dir / "run.json").read_text()) for o in outcomes)
+    )
+    assert spans[1][0] < spans[0][1]
 
 
 @pytest.mark.parametrize(

@@ -166,15 +166,21 @@ class AblationSpec:
                 f"{path}: reference {self.reference!r} is not a variant; variants: "
                 f"{list(self.variants)}"
             )
-        for items in [*self.variants.values(), self.args]:
-            cli_args(items)  # every item is an overlay or a key=value
+        for name, items in [*self.variants.items(), ("args", self.args)]:
+            try:
+                cli_args(items)  # every item is an overlay or a key=value
+            except ValueError as err:
+                where = "args" if name == "args" else f"variant {name!r}"
+                raise ValueError(f"{path}: {where}: {err}") from None
 
 
 def _resolve(item: str, spec_dir: Path, spec_path: Path) -> str:
-    """An overlay path made absolute (relative to the working folder, else to the spec)."""
+    """An overlay path made absolute: relative to the working folder, else to the spec's
+    folder or one above it (so ``configs/...`` works from any working folder)."""
     if not _is_overlay(item):
         return str(item)
-    found = next((p for p in (Path(item), spec_dir / item) if p.is_file()), None)
+    candidates = [Path(item), *(d / item for d in (spec_dir, *spec_dir.resolve().parents))]
+    found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         raise FileNotFoundError(
             f"{spec_path}: overlay {item} not found (looked in . and {spec_dir})"
