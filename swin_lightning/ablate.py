@@ -34,6 +34,7 @@ from swin_lightning.runs.attempt import RunOutcome
 from swin_lightning.runs.launchers import LocalLauncher, SlurmLauncher
 from swin_lightning.runs.spec import AblationSpec, LauncherSettings, SlurmSettings, cli_args
 from swin_lightning.runs.store import (
+    STATES,
     Experiment,
     Run,
     RunStatus,
@@ -101,10 +102,15 @@ def select(statuses: list[RunStatus], retry_failed: bool) -> tuple[list[Run], li
     return todo, left
 
 
-def report_experiment(experiment: Experiment, statuses: list[RunStatus]) -> Path:
-    """Write the report of the finished runs; the others are listed with their state."""
+def report_experiment(
+    experiment: Experiment, statuses: list[RunStatus], rejected: list[RunOutcome] = ()
+) -> Path:
+    """Write the report of the finished runs; the others are listed with their state
+    (``rejected``: the runs of variants whose settings ``fit`` rejected)."""
     current: dict[str, list[Path]] = {}
     failed: dict[str, list[str]] = {}
+    for o in rejected:
+        failed.setdefault(o.variant, []).append(str(o.seed))
     notes = []
     for s in statuses:
         if s.state == "finished":
@@ -148,7 +154,10 @@ def run_ablation(
     exp_dir = Path(log_dir) / spec.experiment
     chosen = _launcher(settings, exp_dir)
     extra = chosen.run_args() if isinstance(chosen, SlurmLauncher) else []
-    runs, outcomes = plan(base, spec, exp_dir, overrides or [], extra)
+    runs, rejected = plan(base, spec, exp_dir, overrides or [], extra)
+    outcomes = list(rejected)
+    for o in rejected:
+        print(f"[ablate] {o.variant} seed {o.seed}: failed: {o.message}", flush=True)
     experiment = Experiment(exp_dir, spec.reference, list(spec.variants), runs, settings.name)
     experiment.save()
     todo, left = select([read_status(r, progress=False) for r in runs], retry_failed)
@@ -175,16 +184,24 @@ def run_ablation(
     else:
         statuses = [read_status(r, progress=False) for r in runs]
     try:
-        print(f"[ablate] report: {report_experiment(experiment, statuses)}", flush=True)
+        report = report_experiment(experiment, statuses, rejected)
+        print(f"[ablate] report: {report}", flush=True)
     except FileNotFoundError as err:
         print(f"[ablate] no report: {err}", file=sys.stderr)
     return exp_dir, outcomes
 
 
 def wait_for(experiment: Experiment, every_s: float = 10.0) -> list[RunStatus]:
-    """Poll the runs until none is pending or running; returns their statuses."""
+    """Poll the runs until none is pending or running (saying so when the counts change);
+    returns their statuses."""
+    shown = ""
     while True:
         statuses = [read_status(r, progress=False) for r in experiment.runs]
+        counts = ", ".join(f"{sum(s.state == state for s in statuses)} {state}"
+                           for state in STATES if any(s.state == state for s in statuses))  # fmt: skip
+        if counts != shown:
+            print(f"[ablate] {time.strftime('%H:%M:%S')} {counts}", flush=True)
+            shown = counts
         if not any(s.state in ("pending", "running") for s in statuses):
             return statuses
         time.sleep(every_s)
@@ -195,24 +212,23 @@ def _experiment_dir(name: str, log_dir: str) -> Path:
     return path if (path / "experiment.json").is_file() else Path(log_dir) / name
 
 
-def _show_status(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m swin_lightning ablate status",
-                                     description="Where each run of an experiment stands.")  # fmt: skip
+def _load_experiment(argv: list[str], command: str, description: str) -> Experiment:
+    parser = argparse.ArgumentParser(prog=f"python -m swin_lightning ablate {command}",
+                                     description=description)  # fmt: skip
     parser.add_argument("experiment", help="experiment folder, or its name under --log_dir")
     parser.add_argument("--log_dir", default="logs")
     args = parser.parse_args(argv)
-    experiment = Experiment.load(_experiment_dir(args.experiment, args.log_dir))
+    return Experiment.load(_experiment_dir(args.experiment, args.log_dir))
+
+
+def _show_status(argv: list[str]) -> int:
+    experiment = _load_experiment(argv, "status", "Where each run of an experiment stands.")
     print(status_table(experiment, [read_status(r) for r in experiment.runs]))
     return 0
 
 
 def _write_report(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m swin_lightning ablate report",
-                                     description="Report the finished runs of an experiment.")  # fmt: skip
-    parser.add_argument("experiment", help="experiment folder, or its name under --log_dir")
-    parser.add_argument("--log_dir", default="logs")
-    args = parser.parse_args(argv)
-    experiment = Experiment.load(_experiment_dir(args.experiment, args.log_dir))
+    experiment = _load_experiment(argv, "report", "Report the finished runs of an experiment.")
     statuses = [read_status(r, progress=False) for r in experiment.runs]
     print(f"[ablate] report: {report_experiment(experiment, statuses)}")
     return 0
@@ -225,6 +241,24 @@ def _sbatch_option(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(value)
 
 
+def _field_docs(cls: type) -> dict[str, str]:
+    """The ``Args:`` entries of a dataclass docstring, by field name (for --help)."""
+    docs: dict[str, str] = {}
+    name = None
+    for line in (cls.__doc__ or "").partition("Args:")[2].splitlines():
+        key, sep, text = line.strip().partition(": ")
+        if (
+            sep
+            and key.isidentifier()
+            and line.startswith(" " * 8)
+            and not line.startswith(" " * 12)
+        ):
+            name, docs[key] = key, text
+        elif name and line.strip():
+            docs[name] += " " + line.strip()
+    return docs
+
+
 def _launcher_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("launcher (overrides the spec's launcher: section)")
     group.add_argument("--launcher", choices=["local", "slurm"], dest="name")
@@ -233,10 +267,12 @@ def _launcher_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--share_gpus", action="store_true", default=None,
                        help="let local runs share GPUs when there are too few")  # fmt: skip
     slurm = parser.add_argument_group("SLURM resources per run (--launcher slurm)")
+    docs = _field_docs(SlurmSettings)
     for f in fields(SlurmSettings):
         if f.name not in ("additional_parameters", "setup"):
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            slurm.add_argument(f"--{f.name}", type=kind, help=f"(default {f.default})")
+            help_text = f"{docs.get(f.name, '')} (default {f.default})".replace("%", "%%")
+            slurm.add_argument(f"--{f.name}", type=kind, help=help_text)
     slurm.add_argument("--sbatch", type=_sbatch_option, action="append", default=[],
                        metavar="KEY=VALUE", help="any other sbatch option (repeat)")  # fmt: skip
 

@@ -84,37 +84,40 @@ def saved_and_resumed_steps(fit_log: str) -> tuple[list[int], list[int]]:
 
 
 def test_preemption_requeue_limit_and_retry(slurm, tmp_path):
-    """Preempted (a job in the higher partition takes the node), the run saves, is requeued
-    and resumes; a second requeue (scontrol) passes max_requeues=1, so the next attempt is
-    refused and the run shows failed; --retry_failed resumes it to the end. No step lost or
-    repeated."""
-    spec = write_spec(tmp_path, "preempt", {"shift": [SHIFT]})
+    """A 2-task array is preempted (a job in the higher partition takes the node): each run
+    saves, is requeued and resumes. A second requeue of ONE task (scontrol, by its array task
+    id) passes max_requeues=1 for that run only: its next attempt is refused and it shows
+    failed, while the other run finishes. --retry_failed resumes it to the end. No step is
+    lost or repeated in either run."""
+    spec = write_spec(tmp_path, "preempt", {"shift": [SHIFT], "no_shift": [NO_SHIFT]})
     longer = [*TINY, "trainer.max_epochs=6", "data.init_args.train_size=640",
               "step_checkpoint.every_n_train_steps=5", "attention_images.every_n_epochs=100"]  # fmt: skip
     args = ["--config", BASE, spec, "--log_dir", str(tmp_path), *longer,
-            *slurm_args("--cpus_per_task", str(slurm.cpus), "--max_requeues", "1")]  # fmt: skip
+            *slurm_args("--cpus_per_task", "1", "--max_requeues", "1")]  # fmt: skip
     assert main(args) == 0
     exp_dir = tmp_path / "preempt"
-    wait_until(exp_dir, lambda ss: ss[0].state == "running" and (ss[0].step or 0) >= 8)
+    wait_until(exp_dir, lambda ss: all(s.state == "running" and (s.step or 0) >= 8 for s in ss))
     slurm.run("sbatch", "-p", "high", "-c", str(slurm.cpus), "--wrap", "sleep 1")
-    (s,) = wait_until(exp_dir, lambda ss: ss[0].attempts == 2 and (ss[0].step or 0) >= 40)
-    slurm.run("scontrol", "requeue", s.job_id)  # the second requeue: one past the limit
-    (s,) = wait_until(exp_dir, lambda ss: ss[0].state == "failed")
-    assert "requeued 2 times" in s.message and "max_requeues=1" in s.message, s.message
+    statuses = wait_until(exp_dir, lambda ss: all(s.attempts == 2 for s in ss) and
+                          ss[0].state == "running" and (ss[0].step or 0) >= 40)  # fmt: skip
+    first, other = statuses  # shift is task 0
+    assert first.job_id.endswith("_0") and other.job_id.endswith("_1")
+    slurm.run("scontrol", "requeue", first.job_id)  # one task, one past the limit
+    statuses = wait_until(exp_dir, lambda ss: ss[0].state == "failed" and ss[1].state == "finished")
+    assert "requeued 2 times" in statuses[0].message, statuses[0].message
+    assert "max_requeues=1" in statuses[0].message and statuses[1].attempts == 2
     assert main([*args, "--retry_failed"]) == 0
-    (s,) = wait_until(exp_dir, lambda ss: ss[0].state == "finished")
-    run_dir = s.run.dir
-    record = json.loads((run_dir / "run.json").read_text())
-    assert record["attempts"] == 3 and s.attempts == 3
-    saved, resumed = saved_and_resumed_steps((run_dir / "fit.log").read_text())
-    assert len(saved) == 2 and saved == resumed, (saved, resumed)  # each resumed where it saved
+    statuses = wait_until(exp_dir, lambda ss: all(s.state == "finished" for s in ss))
+    assert [s.attempts for s in statuses] == [3, 2]
     total = 6 * 640 // 32
-    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)
-    assert last["global_step"] == total
-    steps = sorted(read_run_steps(run_dir))
-    assert steps == list(range(total)), "a step was lost or logged twice"
-    result = read_run(run_dir, "shift", "0")
-    assert result is not None and len(result.val_acc1) == 6  # one validation per epoch
+    for s in statuses:
+        saved, resumed = saved_and_resumed_steps((s.run.dir / "fit.log").read_text())
+        assert len(saved) == s.attempts - 1 and saved == resumed, (saved, resumed)
+        last = torch.load(s.run.dir / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)
+        assert last["global_step"] == total
+        assert read_run_steps(s.run.dir) == list(range(total)), "a step was lost or repeated"
+        result = read_run(s.run.dir, s.run.variant, "0")
+        assert result is not None and len(result.val_acc1) == 6  # one validation per epoch
 
 
 def read_run_steps(run_dir: Path) -> list[int]:
