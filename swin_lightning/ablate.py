@@ -297,6 +297,28 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1 if isinstance(err, WriteError) else 2
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    try:
+        settings = _launcher_settings(args, args.spec)
+        _, outcomes = run_ablation(args.config, args.spec, args.log_dir, args.overrides,
+                                   args.seeds, settings, args.retry_failed, args.wait)  # fmt: skip
+    except AblationInterrupted as stop:
+        return 128 + stop.signum
+    except (OSError, ValueError) as err:  # a missing or broken spec or config, a failed write
+        print(f"error: {err}", file=sys.stderr)
+        return 1 if isinstance(err, WriteError) else 2
+    for o in outcomes:
+        if o.status == "failed":
+            where = f" (log: {o.run_dir / 'fit.log'})" if o.run_dir else ""
+            print(f"[ablate] FAILED: {o.variant} seed {o.seed}{where}", file=sys.stderr)
+        if o.status == "busy":
+            print(f"[ablate] NOT RUN: {o.variant} seed {o.seed}: {o.message}", file=sys.stderr)
+    return 1 if any(o.status in ("failed", "busy") for o in outcomes) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``ablate`` (launch); ``status`` and ``report`` have their own."""
     parser = argparse.ArgumentParser(
         prog="python -m swin_lightning ablate",
         description="Run an ablation (variants x seeds, each a fit run) and write its report. "
@@ -317,20 +339,4 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", action="store_true",
                         help="with --launcher slurm: wait for the runs, then write the report")  # fmt: skip
     _launcher_flags(parser)
-    args = parser.parse_intermixed_args(argv)
-    try:
-        settings = _launcher_settings(args, args.spec)
-        _, outcomes = run_ablation(args.config, args.spec, args.log_dir, args.overrides,
-                                   args.seeds, settings, args.retry_failed, args.wait)  # fmt: skip
-    except AblationInterrupted as stop:
-        return 128 + stop.signum
-    except (OSError, ValueError) as err:  # a missing or broken spec or config, a failed write
-        print(f"error: {err}", file=sys.stderr)
-        return 1 if isinstance(err, WriteError) else 2
-    for o in outcomes:
-        if o.status == "failed":
-            where = f" (log: {o.run_dir / 'fit.log'})" if o.run_dir else ""
-            print(f"[ablate] FAILED: {o.variant} seed {o.seed}{where}", file=sys.stderr)
-        if o.status == "busy":
-            print(f"[ablate] NOT RUN: {o.variant} seed {o.seed}: {o.message}", file=sys.stderr)
-    return 1 if any(o.status in ("failed", "busy") for o in outcomes) else 0
+    return parser

@@ -194,3 +194,31 @@ def test_ctrl_c_stops_every_parallel_run_which_saves_and_resumes(tmp_path):
     assert main(cmd[4:]) == 0
     for run in runs:
         assert json.loads((run.dir / "finished.json").read_text())["resumed"] is True
+
+
+def test_flags_override_the_spec_launcher_and_reach_sbatch(tmp_path):
+    from swin_lightning.ablate import _launcher_settings, build_parser
+    from swin_lightning.runs.launchers import SlurmLauncher
+
+    spec = write(tmp_path, {
+        "experiment": "x", "variants": {"a": []},
+        "launcher": {"name": "slurm", "parallel": 3, "slurm": {
+            "partition": "gpu", "time_min": 30, "gpus_per_node": 4, "nodes": 2,
+            "additional_parameters": {"mail-type": "END"}, "setup": ["module load cuda"]}},
+    })  # fmt: skip
+    args = build_parser().parse_intermixed_args([
+        "--config", BASE, str(spec), "--time_min", "240", "--account", "proj", "--qos", "high",
+        "--array_parallelism", "8", "--sbatch", "exclusive=true", "--mem_gb", "64",
+    ])  # fmt: skip
+    settings = _launcher_settings(args, str(spec))
+    assert settings.name == "slurm" and settings.parallel == 3
+    s = settings.slurm
+    assert (s.partition, s.time_min, s.account, s.gpus_per_node) == ("gpu", 240, "proj", 4)
+    assert s.additional_parameters == {"mail-type": "END", "exclusive": True}
+    launcher = SlurmLauncher(s, tmp_path / ".submitit")
+    assert launcher.run_args() == ["--trainer.devices=4", "--trainer.num_nodes=2"]
+    script = launcher.executor()._make_submission_file_text("python -m x", "uid")
+    for line in ("--partition=gpu", "--time=240", "--nodes=2", "--ntasks-per-node=4",
+                 "--gpus-per-node=4", "--account=proj", "--qos=high", "--mem=64GB",
+                 "--signal=USR2@120", "--mail-type=END", "module load cuda"):  # fmt: skip
+        assert line in script, (line, script)

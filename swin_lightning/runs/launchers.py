@@ -303,7 +303,8 @@ class SlurmLauncher:
             "partition": s.partition, "gpus_per_node": s.gpus_per_node or None,
             "cpus_per_task": s.cpus_per_task, "account": s.account, "qos": s.qos,
             "constraint": s.constraint, "array_parallelism": s.array_parallelism,
-            "mem": f"{s.mem_gb}GB" if s.mem_gb else None,
+            "mem": (f"{int(s.mem_gb)}GB" if s.mem_gb == int(s.mem_gb) else
+                    f"{int(s.mem_gb * 1024)}MB") if s.mem_gb else None,
         }  # fmt: skip
         params.update({k: v for k, v in optional.items() if v is not None})
         executor.update_parameters(**params)
