@@ -24,7 +24,8 @@ SHIFT, NO_SHIFT = (str(CONFIGS / "ablations" / f"{v}.yaml") for v in ("shift", "
 
 def write_spec(folder: Path, name: str, variants: dict[str, list[str]]) -> str:
     path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"experiment": name, "seeds": [0], "variants": variants}))
+    spec = {"experiment": name, "seeds": [0], "variants": variants}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return str(path)
 
 
@@ -90,7 +91,7 @@ def test_preemption_requeue_limit_and_retry(slurm, tmp_path):
     failed, while the other run finishes. --retry_failed resumes it to the end. No step is
     lost or repeated in either run."""
     spec = write_spec(tmp_path, "preempt", {"shift": [SHIFT], "no_shift": [NO_SHIFT]})
-    longer = [*TINY, "trainer.max_epochs=6", "data.init_args.train_size=640",
+    longer = [*TINY, "trainer.max_epochs=6", "data.init_args.train_size=960",
               "step_checkpoint.every_n_train_steps=5", "attention_images.every_n_epochs=100"]  # fmt: skip
     args = ["--config", BASE, spec, "--log_dir", str(tmp_path), *longer,
             *slurm_args("--cpus_per_task", "1", "--max_requeues", "1")]  # fmt: skip
@@ -99,7 +100,7 @@ def test_preemption_requeue_limit_and_retry(slurm, tmp_path):
     wait_until(exp_dir, lambda ss: all(s.state == "running" and (s.step or 0) >= 8 for s in ss))
     slurm.run("sbatch", "-p", "high", "-c", str(slurm.cpus), "--wrap", "sleep 1")
     statuses = wait_until(exp_dir, lambda ss: all(s.attempts == 2 for s in ss) and
-                          ss[0].state == "running" and (ss[0].step or 0) >= 40)  # fmt: skip
+                          ss[0].state == "running" and (ss[0].step or 0) >= 60)  # fmt: skip
     first, other = statuses  # shift is task 0
     assert first.job_id.endswith("_0") and other.job_id.endswith("_1")
     slurm.run("scontrol", "requeue", first.job_id)  # one task, one past the limit
@@ -109,8 +110,10 @@ def test_preemption_requeue_limit_and_retry(slurm, tmp_path):
     assert main([*args, "--retry_failed"]) == 0
     statuses = wait_until(exp_dir, lambda ss: all(s.state == "finished" for s in ss))
     assert [s.attempts for s in statuses] == [3, 2]
-    total = 6 * 640 // 32
+    total = 6 * 960 // 32
     for s in statuses:
+        log = (s.run.dir / "fit.log").read_text()
+        assert "torch threads: 1," in log  # the task's one CPU (SLURM_CPUS_PER_TASK)
         saved, resumed = saved_and_resumed_steps((s.run.dir / "fit.log").read_text())
         assert len(saved) == s.attempts - 1 and saved == resumed, (saved, resumed)
         last = torch.load(s.run.dir / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)

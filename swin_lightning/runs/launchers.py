@@ -193,7 +193,7 @@ class RunJob:
     def __init__(self, run: Run, max_requeues: int) -> None:
         self.run, self.max_requeues = run, max_requeues
         self._attempt: Attempt | None = None
-        self._requeued = False
+        self._handled = False  # checkpoint() ended (and recorded) the attempt
 
     def __getstate__(self) -> dict[str, Any]:
         return {"run": self.run, "max_requeues": self.max_requeues}
@@ -214,6 +214,9 @@ class RunJob:
     def __call__(self) -> str:
         run = self.run
         env: dict[str, str] = {}
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus and "OMP_NUM_THREADS" not in os.environ:  # torch's threads: the task's CPUs
+            env["OMP_NUM_THREADS"] = cpus
         if int(os.environ.get("SLURM_PROCID", "0")) != 0:
             a = attempt.start(run, None, "slurm", env=env, ignore=(signal.SIGUSR2,))
             self._attempt = a
@@ -237,9 +240,17 @@ class RunJob:
                 run, lock, "slurm", env=env, ignore=(signal.SIGUSR2,), job_id=self.job_id(),
                 stdout=job.get("stdout"), stderr=job.get("stderr"), requeues=requeues,
             )  # fmt: skip
-            code = self._attempt.wait()
-            if self._requeued:
-                return "requeued"
+            try:
+                code = self._attempt.wait()
+            except Exception:
+                # Raised by submitit's handler after checkpoint() ended the attempt: its
+                # `scontrol requeue` fails when SLURM requeues the job itself (preemption in
+                # REQUEUE mode), or no requeue was wanted. The attempt is recorded already.
+                if self._handled:
+                    return "ended on the requeue signal"
+                raise
+            if self._handled:
+                return "ended on the requeue signal"
             # A SIGTERM that was no requeue of ours: scancel, or SLURM ending the job.
             outcome = attempt.finish(self._attempt, code, stopped_as="failed")
             return outcome.status
@@ -264,13 +275,16 @@ class RunJob:
             code = a.wait()
         if int(os.environ.get("SLURM_PROCID", "0")) != 0:
             return None
+        self._handled = True
+        if code == 0:  # it finished as the signal came: nothing to requeue
+            attempt.finish(a, code)
+            return None
         requeues = self.requeues()
         if requeues >= self.max_requeues:
             attempt.finish(a, code, stopped_as="failed")
             self.run.update(message=f"stopped for requeue {requeues + 1}, past max_requeues="
                             f"{self.max_requeues}; --retry_failed resumes it")  # fmt: skip
             return None
-        self._requeued = True
         outcome = attempt.finish(a, code, stopped_as="pending")
         self.run.update(message=f"requeued after attempt {self.run.record.get('attempts')} "
                         f"({outcome.message})")  # fmt: skip
