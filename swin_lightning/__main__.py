@@ -1,4 +1,4 @@
-"""``python -m swin_lightning {fit,validate,test,predict,ablate,bench}``."""
+"""``python -m swin_lightning {fit,validate,test,predict,ablate,tune,bench}``."""
 
 import sys
 
@@ -8,6 +8,10 @@ def main() -> None:
         from swin_lightning.ablate import main as ablate
 
         sys.exit(ablate(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "tune":
+        from swin_lightning.tune import main as tune
+
+        sys.exit(tune(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "bench":
         from swin_lightning.bench import main as bench
         from swin_lightning.storage import WriteError

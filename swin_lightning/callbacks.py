@@ -157,3 +157,60 @@ class WindowAttentionImages(L.Callback):
         images = self._batch.to(pl_module.device)
         fig = plot_attention_maps(pl_module.net, images, self.stage)
         writer.add_figure("attention/maps", fig, trainer.global_step)
+
+
+TRIAL_ENV = "SWIN_LIGHTNING_TRIAL"  # "<storage>\t<study>\t<trial number>\t<metric>\t<pruner>"
+PRUNED = "pruned.json"  # written into the run folder when the pruner stops the trial
+
+
+class TrialPruning(L.Callback):
+    """Reports a ``tune`` trial's metric to its Optuna study after every validation, and stops
+    the run (cleanly, at the epoch's end) when the study's pruner says so, leaving
+    ``pruned.json`` in the run folder. Added by the CLI for runs that ``tune`` starts.
+
+    Args:
+        storage: Optuna storage URL of the study.
+        study: Study name.
+        number: The trial's number in the study.
+        metric: Logged metric reported (the study's).
+        pruner: The study's pruner (``median``, ``hyperband``, ``none``).
+    """
+
+    def __init__(self, storage: str, study: str, number: int, metric: str, pruner: str):
+        import optuna
+
+        from swin_lightning.tune import make_pruner, open_storage
+
+        self.metric = metric
+        loaded = optuna.load_study(study_name=study, storage=open_storage(storage),
+                                   pruner=make_pruner(pruner))  # fmt: skip
+        trial_id = loaded._storage.get_trial_id_from_study_id_trial_number(loaded._study_id, number)
+        self.trial = optuna.trial.Trial(loaded, trial_id)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        value = trainer.callback_metrics.get(self.metric)
+        if value is None:
+            return
+        self.trial.report(float(value), step=trainer.current_epoch)
+        if self.trial.should_prune():
+            import json
+
+            from swin_lightning.storage import write_text
+
+            folder = Path(trainer.log_dir or trainer.default_root_dir)
+            record = {"epoch": trainer.current_epoch, "value": float(value)}
+            write_text(folder / PRUNED, json.dumps(record))
+            trainer.should_stop = True
+
+
+def trial_pruning_from_env() -> TrialPruning | None:
+    """The pruning callback of a run that ``tune`` started (it sets :data:`TRIAL_ENV`)."""
+    import os
+
+    value = os.environ.get(TRIAL_ENV)
+    if not value:
+        return None
+    storage, study, number, metric, pruner = value.split("\t")
+    return TrialPruning(storage, study, int(number), metric, pruner)

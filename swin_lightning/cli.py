@@ -26,6 +26,7 @@ from swin_lightning.callbacks import (
     PartialPredictionError,
     PredictionCSVWriter,
     WindowAttentionImages,
+    trial_pruning_from_env,
 )
 from swin_lightning.data import ClassificationDataModule
 from swin_lightning.module import SwinClassifier
@@ -366,6 +367,9 @@ class SwinCLI(LightningCLI):
         callbacks = config.get("callbacks") or []
         callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), ResumeState()]
         callbacks.append(Preflight())
+        pruning = trial_pruning_from_env()  # a trial of `tune`: report to its study, prune
+        if pruning is not None:
+            callbacks.append(pruning)
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):

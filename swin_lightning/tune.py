@@ -1,0 +1,501 @@
+"""``python -m swin_lightning tune``: a hyperparameter search with Optuna over ``fit`` runs.
+
+    tune --config BASE.yaml SEARCH.yaml [key=value ...] [--n_trials N] [--parallel N]
+    tune status STUDY        # the trials: state, value, epoch reached, parameters
+    tune report STUDY        # report.md, best.yaml, history.png, importance.png
+
+Optuna is the engine: the study lives in an Optuna storage that every worker shares (SQLite
+in the study folder by default, Optuna's journal file for cluster file systems, or a URL).
+A worker asks the study for a trial, trains it as a normal run folder
+``logs/<study>/trial_<n>`` (config, logs, checkpoints, run lock, settings fingerprint),
+reports val metrics per epoch to the study's pruner (:class:`~swin_lightning.callbacks.
+TrialPruning`), and tells the study the trial's best value. ``--parallel N`` runs N workers
+here (each with its GPUs or share of the cores, as ``ablate``); ``--launcher slurm`` runs them
+as a SLURM job array. Killing ``tune`` and running it again continues the study: a trial
+whose run was interrupted is resumed from its ``last.ckpt`` under its own number, so no
+trial is run or counted twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from swin_lightning.callbacks import PRUNED, TRIAL_ENV
+from swin_lightning.runs import attempt
+from swin_lightning.runs.launchers import LocalLauncher, SignalForwarder
+from swin_lightning.runs.search import SearchSpec
+from swin_lightning.runs.spec import cli_args
+from swin_lightning.runs.store import Run, fingerprint, read_json, read_status
+from swin_lightning.storage import RunBusyError, RunLock, WriteError, save_figure, write_text
+
+MANIFEST = "study.json"
+
+
+def open_storage(url: str) -> Any:
+    """An Optuna storage from a URL; ``journal:<file>`` is Optuna's journal file storage."""
+    import optuna
+
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    return url
+
+
+def storage_url(spec: SearchSpec, study_dir: Path) -> str:
+    if spec.storage is None:
+        return f"sqlite:///{(study_dir / 'study.db').resolve()}"
+    if spec.storage == "journal":
+        return f"journal:{(study_dir / 'journal.log').resolve()}"
+    return spec.storage
+
+
+def create_study(spec: SearchSpec, url: str, worker: int = 0) -> Any:
+    """The study (created on first use); ``worker`` offsets the sampler's seed, so parallel
+    workers do not draw the same random start-up trials."""
+    import optuna
+
+    seed = spec.seed + 1000 * worker
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
+        "grid": lambda: optuna.samplers.GridSampler(
+            {k: p.choices for k, p in spec.space.items()}, seed=seed
+        ),
+    }
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.RandomSampler(seed=seed) if spec.sampler == "grid" else (
+        samplers[spec.sampler]())  # fmt: skip
+    study = optuna.create_study(
+        study_name=spec.study, storage=open_storage(url), sampler=sampler,
+        pruner=make_pruner(spec.pruner), direction=spec.direction, load_if_exists=True,
+    )  # fmt: skip
+    return study
+
+
+def enqueue_grid(spec: SearchSpec, study: Any, study_dir: Path) -> None:
+    """The grid sampler's points, queued once in the study (shuffled by the seed): workers
+    take them in turn, so no point is trained twice, however many workers ask at once."""
+    import itertools
+    import random
+
+    grid = [dict(zip(spec.space, values, strict=True))
+            for values in itertools.product(*(p.choices for p in spec.space.values()))]  # fmt: skip
+    random.Random(spec.seed).shuffle(grid)
+    spec.n_trials = min(spec.n_trials, len(grid))
+    with study_lock(study_dir):
+        if not study.get_trials(deepcopy=False):
+            for params in grid[: spec.n_trials]:
+                study.enqueue_trial(params)
+
+
+def make_pruner(name: str) -> Any:
+    """The study's pruner; the trial's run builds the same one to decide (``should_prune``)."""
+    import optuna
+
+    pruners = {
+        # Not on the first epoch's validation: in these recipes it ends the warm-up, where
+        # every trial is still near chance and a ranking is noise.
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(),
+        "none": lambda: optuna.pruners.NopPruner(),
+    }
+    return pruners[name]()
+
+
+@contextmanager
+def study_lock(study_dir: Path):
+    """One worker at a time counts, asks and claims trials (``<study>/.ask.lock``)."""
+    study_dir.mkdir(parents=True, exist_ok=True)
+    with open(study_dir / ".ask.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def suggest(trial: Any, spec: SearchSpec) -> dict[str, Any]:
+    params = {}
+    for key, p in spec.space.items():
+        if p.type == "categorical":
+            params[key] = trial.suggest_categorical(key, p.choices)
+        elif p.type == "int":
+            step = int(p.step or 1)
+            params[key] = trial.suggest_int(key, int(p.low), int(p.high), step=step, log=p.log)
+        else:
+            params[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
+    return params
+
+
+def metric_values(run_dir: Path, metric: str) -> list[float]:
+    from swin_lightning.report import read_run
+
+    result = read_run(run_dir, "", "")
+    if result is None:
+        return []
+    if metric == "val/acc1":
+        return result.val_acc1
+    if metric == "val/loss":
+        return result.val_loss
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.value for e in acc.Scalars(metric)] if metric in acc.Tags()["scalars"] else []
+
+
+class Worker:
+    """Asks the study for trials and trains them until the study has ``n_trials``."""
+
+    def __init__(self, spec: SearchSpec, base: list[str], study_dir: Path, url: str,
+                 env: dict[str, str], launcher: str = "local",
+                 stop: SignalForwarder | None = None, index: int = 0) -> None:  # fmt: skip
+        self.spec, self.base, self.study_dir, self.url = spec, base, study_dir, url
+        self.env, self.launcher, self.stop = env, launcher, stop
+        self.study = create_study(spec, url, worker=index)
+        self.current: attempt.Attempt | None = None
+        self.log: list[str] = []
+
+    def run_of(self, number: int, params: dict[str, Any]) -> Run:
+        from swin_lightning.cli import resolved_settings
+
+        items = self.spec.items(params)
+        args = [*self.base, *cli_args(items)]
+        settings = resolved_settings(args)
+        run = Run(f"trial_{number}", self.spec.seed, fingerprint(settings),
+                  self.study_dir / f"trial_{number}", args, items)  # fmt: skip
+        if not (run.dir / "settings.yaml").is_file():
+            write_text(run.dir / "settings.yaml", yaml.safe_dump(settings, sort_keys=False))
+        return run
+
+    def claim(self) -> tuple[int, Run, RunLock] | None:
+        """The next trial to train: an interrupted one (its run folder free), else a new one
+        while the study has fewer than ``n_trials``; None when there is nothing to do."""
+        from optuna.trial import TrialState
+
+        with study_lock(self.study_dir):
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                run = self.run_of(t.number, t.params)
+                try:
+                    return t.number, run, RunLock(run.dir).acquire()
+                except RunBusyError:
+                    continue  # another worker trains it
+            asked = [t for t in self.study.get_trials(deepcopy=False)
+                     if t.state != TrialState.WAITING]  # fmt: skip
+            if len(asked) >= self.spec.n_trials:
+                return None
+            trial = self.study.ask()
+            run = self.run_of(trial.number, suggest(trial, self.spec))
+            return trial.number, run, RunLock(run.dir).acquire()
+
+    def tell(self, number: int, run: Run, outcome: attempt.RunOutcome) -> str:
+        from optuna.trial import TrialState
+
+        if outcome.status == "failed":
+            self.study.tell(number, state=TrialState.FAIL)
+            return f"failed ({outcome.message})"
+        if (run.dir / PRUNED).is_file():
+            self.study.tell(number, state=TrialState.PRUNED)
+            return f"pruned at epoch {read_json(run.dir / PRUNED).get('epoch')}"
+        values = metric_values(run.dir, self.spec.metric)
+        if not values:
+            self.study.tell(number, state=TrialState.FAIL)
+            return f"failed (no {self.spec.metric} logged)"
+        best = max(values) if self.spec.direction == "maximize" else min(values)
+        self.study.tell(number, best)
+        return f"{self.spec.metric} {best:.4f}"
+
+    def loop(self) -> None:
+        while not (self.stop and self.stop.received):
+            claimed = self.claim()
+            if claimed is None:
+                return
+            number, run, lock = claimed
+            try:
+                if run.finished:  # trained before `tune` was stopped, not yet told
+                    outcome = attempt.RunOutcome(run.variant, run.seed, "done", 0, run.dir)
+                else:
+                    trial_env = "\t".join([self.url, self.spec.study, str(number),
+                                           self.spec.metric, self.spec.pruner])  # fmt: skip
+                    self.current = attempt.start(run, lock, self.launcher, env={**self.env, TRIAL_ENV: trial_env},
+                                                 ignore=(signal.SIGUSR2,))  # fmt: skip
+                    if self.stop is not None:
+                        self.stop.children.append(self.current.process)
+                    outcome = attempt.finish(self.current, self.current.wait())
+                    self.current = None
+                if outcome.status == "interrupted":
+                    self.log.append(f"[tune] trial {number}: interrupted ({outcome.message})")
+                    return  # left RUNNING in the study: a re-run resumes it
+                said = self.tell(number, run, outcome)
+                print(f"[tune] trial {number}: {said}  {run.items}", flush=True)
+            finally:
+                lock.release()
+
+
+def write_manifest(study_dir: Path, spec: SearchSpec, url: str, base: list[str]) -> None:
+    record = {"study": spec.study, "storage": url, "metric": spec.metric,
+              "direction": spec.direction, "n_trials": spec.n_trials, "base": base,
+              "space": list(spec.space), "overlays": [k for k in spec.space if spec.is_overlay(k)]}  # fmt: skip
+    write_text(study_dir / MANIFEST, json.dumps(record, indent=1))
+
+
+def run_search(
+    base_configs: list[str],
+    spec_path: str,
+    log_dir: str = "logs",
+    overrides: list[str] | None = None,
+    n_trials: int | None = None,
+    parallel: int | None = None,
+) -> tuple[Path, int | None]:
+    """Run workers until the study has its trials; returns the study folder and the signal
+    that stopped it (None when the study is complete)."""
+    spec = SearchSpec.load(spec_path)
+    if n_trials:
+        spec.n_trials = n_trials
+    settings = replace(spec.launcher, parallel=parallel or spec.launcher.parallel)
+    for config in base_configs:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"base config {config} not found")
+    base = [a for c in base_configs for a in ("--config", c)]
+    base += [*cli_args(spec.args), *cli_args(overrides or [])]
+    study_dir = Path(log_dir) / spec.study
+    url = storage_url(spec, study_dir)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    study = create_study(spec, url)
+    if spec.sampler == "grid":
+        enqueue_grid(spec, study, study_dir)
+    write_manifest(study_dir, spec, url, base)
+    slots = LocalLauncher(settings.parallel, settings.gpus_per_run, settings.share_gpus).slots(
+        [Run("", 0, "", study_dir, base, accelerator=_accelerator(base))]
+    )
+    errors: list[BaseException] = []
+    with SignalForwarder() as forwarder:
+        workers = [Worker(spec, base, study_dir, url, env, stop=forwarder, index=i)
+                   for i, env in enumerate(slots)]  # fmt: skip
+
+        def work(w: Worker) -> None:
+            try:
+                w.loop()
+            except BaseException as err:
+                errors.append(err)
+
+        threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in workers]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(timeout=0.2)
+    for w in workers:
+        for line in w.log:
+            print(line, file=sys.stderr)
+    if errors:
+        raise errors[0]
+    return study_dir, forwarder.received
+
+
+def _accelerator(base: list[str]) -> str:
+    from swin_lightning.cli import resolved_settings
+
+    return str((resolved_settings(base).get("trainer") or {}).get("accelerator", "auto"))
+
+
+# ---------------------------------------------------------------------------- status, report
+def load_study(study_dir: Path) -> tuple[dict[str, Any], Any]:
+    import optuna
+
+    manifest = read_json(study_dir / MANIFEST)
+    if not manifest:
+        raise FileNotFoundError(f"{study_dir / MANIFEST} not found: {study_dir} is not a study "
+                                "folder that `tune` made")  # fmt: skip
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(
+        study_name=manifest["study"], storage=open_storage(manifest["storage"])
+    )
+    return manifest, study
+
+
+def trial_rows(study_dir: Path, manifest: dict[str, Any], study: Any) -> list[dict[str, Any]]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        state = t.state.name.lower()
+        run_dir = study_dir / f"trial_{t.number}"
+        run = Run(f"trial_{t.number}", 0, "", run_dir)
+        status = read_status(run) if run_dir.is_dir() else None
+        if state == "running" and status is not None and status.state != "running":
+            state = "interrupted"  # its process is gone; a re-run resumes it
+        rows.append({"trial": t.number, "state": state, "value": t.value, "params": t.params,
+                     "epoch": status.epoch if status else None})  # fmt: skip
+    return rows
+
+
+def best_overlay(manifest: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Everything a trial adds to the base configs (the spec's args, the overrides and its
+    parameters), as one YAML overlay."""
+    merged: dict[str, Any] = {}
+
+    def merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+        for k, v in new.items():
+            if isinstance(v, dict) and isinstance(into.get(k), dict):
+                merge(into[k], v)
+            else:
+                into[k] = v
+
+    base = manifest["base"]
+    overrides = [a for a in base if a.startswith("--") and "=" in a]
+    items = [*overrides, *(str(params[k]) if k in manifest["overlays"] else f"--{k}={params[k]}"
+                           for k in params)]  # fmt: skip
+    for item in items:
+        if item.endswith((".yaml", ".yml")):
+            merge(merged, yaml.safe_load(Path(item).read_text()) or {})
+            continue
+        key, _, value = item.removeprefix("--").partition("=")
+        node: dict[str, Any] = {}
+        leaf = node
+        parts = key.split(".")
+        for part in parts[:-1]:
+            leaf = leaf.setdefault(part, {})
+        leaf[parts[-1]] = yaml.safe_load(value) if isinstance(value, str) else value
+        merge(merged, node)
+    return merged
+
+
+def write_study_report(study_dir: Path) -> Path:
+    manifest, study = load_study(study_dir)
+    rows = trial_rows(study_dir, manifest, study)
+    done = [r for r in rows if r["state"] == "complete"]
+    if not done:
+        raise FileNotFoundError(f"{study_dir}: no complete trial yet")
+    best = study.best_trial
+    overlay = best_overlay(manifest, best.params)
+    write_text(study_dir / "best.yaml",
+               f"# Best trial {best.number} of study {manifest['study']}: {manifest['metric']} "
+               f"{best.value:.4f}. Use: fit --config BASE --config {study_dir / 'best.yaml'}\n"
+               + yaml.safe_dump(overlay, sort_keys=False))  # fmt: skip
+    keys = manifest["space"]
+    text = f"# Study {manifest['study']}\n\nBest: trial {best.number}, {manifest['metric']} "
+    text += f"{best.value:.4f} ({manifest['direction']}); its settings: `best.yaml`.\n\n"
+    text += "| trial | state | " + manifest["metric"] + " | epochs | " + " | ".join(keys) + " |\n"
+    text += "|---" * (4 + len(keys)) + "|\n"
+    for r in rows:
+        value = "-" if r["value"] is None else f"{r['value']:.4f}"
+        params = [_short(r["params"].get(k)) for k in keys]
+        text += f"| {r['trial']} | {r['state']} | {value} | {r['epoch'] or '-'} | {' | '.join(params)} |\n"
+    counts = {s: sum(r["state"] == s for r in rows) for s in {r["state"] for r in rows}}
+    text += (
+        f"\n{len(rows)} trials of {manifest['n_trials']}: "
+        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        + "\n"
+    )
+    text += "\n![history](history.png)\n"
+    _plots(study, study_dir, len(done))
+    if (study_dir / "importance.png").is_file():
+        text += "\n![importance](importance.png)\n"
+    write_text(study_dir / "report.md", text)
+    return study_dir / "report.md"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, str) and value.endswith((".yaml", ".yml")):
+        return Path(value).stem
+    return "-" if value is None else str(value)
+
+
+def _plots(study: Any, study_dir: Path, complete: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.importance import PedAnovaImportanceEvaluator
+    from optuna.visualization import matplotlib as ovm
+
+    ax = ovm.plot_optimization_history(study)
+    save_figure(ax.figure, study_dir / "history.png")
+    plt.close(ax.figure)
+    if complete >= 3 and len(study.best_trial.params) > 1:
+        try:
+            ax = ovm.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
+        except (ValueError, RuntimeError):
+            return  # too few distinct trials for importances
+        save_figure(ax.figure, study_dir / "importance.png")
+        plt.close(ax.figure)
+
+
+def _study_dir(name: str, log_dir: str) -> Path:
+    path = Path(name)
+    return path if (path / MANIFEST).is_file() else Path(log_dir) / name
+
+
+def _status(argv: list[str]) -> int:
+    args = _study_parser("status").parse_args(argv)
+    study_dir = _study_dir(args.study, args.log_dir)
+    manifest, study = load_study(study_dir)
+    rows = trial_rows(study_dir, manifest, study)
+    table = [["trial", "state", manifest["metric"], "epoch", *manifest["space"]]]
+    for r in rows:
+        table.append([str(r["trial"]), r["state"], "-" if r["value"] is None else f"{r['value']:.4f}",
+                      str(r["epoch"] or "-"), *(_short(r["params"].get(k)) for k in manifest["space"])])  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    counts = {s: sum(r["state"] == s for r in rows) for s in {r["state"] for r in rows}}
+    print(f"\n{study_dir}: {len(rows)} of {manifest['n_trials']} trials: "
+          + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))  # fmt: skip
+    return 0
+
+
+def _report(argv: list[str]) -> int:
+    args = _study_parser("report").parse_args(argv)
+    print(f"[tune] report: {write_study_report(_study_dir(args.study, args.log_dir))}")
+    return 0
+
+
+def _study_parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m swin_lightning tune {command}")
+    parser.add_argument("study", help="study folder, or its name under --log_dir")
+    parser.add_argument("--log_dir", default="logs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"status": _status, "report": _report}
+    try:
+        if argv and argv[0] in commands:
+            return commands[argv[0]](argv[1:])
+        parser = argparse.ArgumentParser(prog="python -m swin_lightning tune",
+                                         description="A hyperparameter search with Optuna. Also: "
+                                         "`tune status STUDY`, `tune report STUDY`.")  # fmt: skip
+        parser.add_argument("--config", action="append", required=True, help="base config")
+        parser.add_argument("spec", help="search spec YAML (study, metric, sampler, space)")
+        parser.add_argument("overrides", nargs="*", help="key=value overrides for every trial")
+        parser.add_argument("--log_dir", default="logs")
+        parser.add_argument("--n_trials", type=int, help="replace the spec's n_trials")
+        parser.add_argument("--parallel", type=int, help="workers at once here (default 1)")
+        args = parser.parse_intermixed_args(argv)
+        study_dir, stopped = run_search(args.config, args.spec, args.log_dir, args.overrides,
+                                        args.n_trials, args.parallel)  # fmt: skip
+        if stopped:
+            print(f"[tune] stopped by {signal.Signals(stopped).name}: the running trials saved "
+                  "their last.ckpt; run the same command again to continue the study",
+                  file=sys.stderr)  # fmt: skip
+            return 128 + stopped
+        print(f"[tune] report: {write_study_report(study_dir)}")
+        return 0
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1 if isinstance(err, WriteError) else 2
