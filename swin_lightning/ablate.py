@@ -23,16 +23,19 @@ import argparse
 import signal
 import sys
 import time
-from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from swin_lightning.report import SETTINGS, write_report
 from swin_lightning.runs.attempt import RunOutcome
-from swin_lightning.runs.launchers import LocalLauncher, SlurmLauncher
-from swin_lightning.runs.spec import AblationSpec, LauncherSettings, SlurmSettings, cli_args
+from swin_lightning.runs.launchers import (
+    LocalLauncher,
+    SlurmLauncher,
+    add_launcher_flags,
+    launcher_settings,
+)
+from swin_lightning.runs.spec import AblationSpec, LauncherSettings, cli_args
 from swin_lightning.runs.store import (
     STATES,
     Experiment,
@@ -234,60 +237,6 @@ def _write_report(argv: list[str]) -> int:
     return 0
 
 
-def _sbatch_option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--sbatch {text!r}: give KEY=VALUE, e.g. mail-type=END")
-    return key, yaml.safe_load(value)
-
-
-def _field_docs(cls: type) -> dict[str, str]:
-    """The ``Args:`` entries of a dataclass docstring, by field name (for --help)."""
-    docs: dict[str, str] = {}
-    name = None
-    for line in (cls.__doc__ or "").partition("Args:")[2].splitlines():
-        key, sep, text = line.strip().partition(": ")
-        if (
-            sep
-            and key.isidentifier()
-            and line.startswith(" " * 8)
-            and not line.startswith(" " * 12)
-        ):
-            name, docs[key] = key, text
-        elif name and line.strip():
-            docs[name] += " " + line.strip()
-    return docs
-
-
-def _launcher_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("launcher (overrides the spec's launcher: section)")
-    group.add_argument("--launcher", choices=["local", "slurm"], dest="name")
-    group.add_argument("--parallel", type=int, help="local runs at once (default 1)")
-    group.add_argument("--gpus_per_run", type=int, help="GPUs per local run (default 1 on GPU)")
-    group.add_argument("--share_gpus", action="store_true", default=None,
-                       help="let local runs share GPUs when there are too few")  # fmt: skip
-    slurm = parser.add_argument_group("SLURM resources per run (--launcher slurm)")
-    docs = _field_docs(SlurmSettings)
-    for f in fields(SlurmSettings):
-        if f.name not in ("additional_parameters", "setup"):
-            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            help_text = f"{docs.get(f.name, '')} (default {f.default})".replace("%", "%%")
-            slurm.add_argument(f"--{f.name}", type=kind, help=help_text)
-    slurm.add_argument("--sbatch", type=_sbatch_option, action="append", default=[],
-                       metavar="KEY=VALUE", help="any other sbatch option (repeat)")  # fmt: skip
-
-
-def _launcher_settings(args: argparse.Namespace, spec_path: str) -> LauncherSettings:
-    spec = AblationSpec.load(spec_path).launcher
-    given = {f.name: getattr(args, f.name) for f in fields(LauncherSettings)
-             if f.name != "slurm" and getattr(args, f.name, None) is not None}  # fmt: skip
-    slurm = {f.name: getattr(args, f.name) for f in fields(SlurmSettings)
-             if getattr(args, f.name, None) is not None}  # fmt: skip
-    extra = {**spec.slurm.additional_parameters, **dict(args.sbatch)}
-    return replace(spec, **given,
-                   slurm=replace(spec.slurm, **slurm, additional_parameters=extra))  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"status": _show_status, "report": _write_report}
@@ -300,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     try:
-        settings = _launcher_settings(args, args.spec)
+        settings = launcher_settings(args, AblationSpec.load(args.spec).launcher)
         _, outcomes = run_ablation(args.config, args.spec, args.log_dir, args.overrides,
                                    args.seeds, settings, args.retry_failed, args.wait)  # fmt: skip
     except AblationInterrupted as stop:
@@ -338,5 +287,5 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run again only the runs that failed")  # fmt: skip
     parser.add_argument("--wait", action="store_true",
                         help="with --launcher slurm: wait for the runs, then write the report")  # fmt: skip
-    _launcher_flags(parser)
+    add_launcher_flags(parser)
     return parser

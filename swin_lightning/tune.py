@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import os
 import signal
 import sys
 import threading
@@ -33,9 +34,14 @@ import yaml
 
 from swin_lightning.callbacks import PRUNED, TRIAL_ENV
 from swin_lightning.runs import attempt
-from swin_lightning.runs.launchers import LocalLauncher, SignalForwarder
+from swin_lightning.runs.launchers import (
+    LocalLauncher,
+    SignalForwarder,
+    add_launcher_flags,
+    launcher_settings,
+)
 from swin_lightning.runs.search import SearchSpec
-from swin_lightning.runs.spec import cli_args
+from swin_lightning.runs.spec import LauncherSettings, cli_args
 from swin_lightning.runs.store import Run, fingerprint, read_json, read_status
 from swin_lightning.storage import RunBusyError, RunLock, WriteError, save_figure, write_text
 
@@ -245,6 +251,59 @@ class Worker:
                 lock.release()
 
 
+class TuneJob:
+    """What one SLURM task of ``tune --launcher slurm`` runs: a :class:`Worker` loop. On USR2
+    (time limit ahead, preemption) its running trial saves ``last.ckpt`` and the task is
+    requeued; the trial stays running in the study and the next worker to start resumes it."""
+
+    def __init__(self, spec_path: str, n_trials: int, base: list[str], study_dir: Path,
+                 url: str, index: int) -> None:  # fmt: skip
+        self.args = (spec_path, n_trials, base, study_dir, url, index)
+        self.worker: Worker | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"args": self.args}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(*state["args"])
+
+    def __call__(self) -> str:
+        spec_path, n_trials, base, study_dir, url, index = self.args
+        spec = SearchSpec.load(spec_path)
+        spec.n_trials = n_trials
+        env = {}
+        if os.environ.get("SLURM_CPUS_PER_TASK") and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = os.environ["SLURM_CPUS_PER_TASK"]
+        self.worker = Worker(spec, base, study_dir, url, env, launcher="slurm", index=index)
+        self.worker.loop()
+        return "\n".join(self.worker.log) or "study complete"
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        current = self.worker.current if self.worker else None
+        if current is not None and current.code is None:
+            os.killpg(current.process.pid, signal.SIGTERM)
+            current.wait(timeout=120)
+        return submitit.helpers.DelayedSubmission(TuneJob(*self.args))
+
+
+def submit_workers(spec: SearchSpec, spec_path: str, base: list[str], study_dir: Path,
+                   url: str, workers: int) -> list[str]:  # fmt: skip
+    """Submit ``workers`` :class:`TuneJob` tasks as one SLURM array; their job ids."""
+    from swin_lightning.runs.launchers import SlurmLauncher
+
+    launcher = SlurmLauncher(spec.launcher.slurm, study_dir / ".submitit", f"tune-{spec.study}")
+    executor = launcher.executor()
+    with executor.batch():
+        jobs = [executor.submit(TuneJob(spec_path, spec.n_trials, base, study_dir, url, i))
+                for i in range(workers)]  # fmt: skip
+    ids = [job.job_id for job in jobs]
+    write_text(study_dir / "jobs.json", json.dumps({"job_ids": ids,
+               "stderr": [str(job.paths.stderr) for job in jobs]}))  # fmt: skip
+    return ids
+
+
 def write_manifest(study_dir: Path, spec: SearchSpec, url: str, base: list[str]) -> None:
     record = {"study": spec.study, "storage": url, "metric": spec.metric,
               "direction": spec.direction, "n_trials": spec.n_trials, "base": base,
@@ -259,13 +318,17 @@ def run_search(
     overrides: list[str] | None = None,
     n_trials: int | None = None,
     parallel: int | None = None,
+    launcher: LauncherSettings | None = None,
 ) -> tuple[Path, int | None]:
     """Run workers until the study has its trials; returns the study folder and the signal
-    that stopped it (None when the study is complete)."""
+    that stopped it (None when the study is complete). With the SLURM launcher the workers
+    are submitted as an array and this returns at once."""
     spec = SearchSpec.load(spec_path)
     if n_trials:
         spec.n_trials = n_trials
-    settings = replace(spec.launcher, parallel=parallel or spec.launcher.parallel)
+    settings = replace(launcher or spec.launcher)
+    settings.parallel = parallel or settings.parallel
+    spec.launcher = settings
     for config in base_configs:
         if not Path(config).is_file():
             raise FileNotFoundError(f"base config {config} not found")
@@ -278,6 +341,11 @@ def run_search(
     if spec.sampler == "grid":
         enqueue_grid(spec, study, study_dir)
     write_manifest(study_dir, spec, url, base)
+    if settings.name == "slurm":
+        ids = submit_workers(spec, spec_path, base, study_dir, url, settings.parallel)
+        print(f"[tune] {len(ids)} workers submitted as SLURM job(s) {', '.join(ids)}; watch: "
+              f"python -m swin_lightning tune status {study_dir}", flush=True)  # fmt: skip
+        return study_dir, None
     slots = LocalLauncher(settings.parallel, settings.gpus_per_run, settings.share_gpus).slots(
         [Run("", 0, "", study_dir, base, accelerator=_accelerator(base))]
     )
@@ -485,10 +553,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("overrides", nargs="*", help="key=value overrides for every trial")
         parser.add_argument("--log_dir", default="logs")
         parser.add_argument("--n_trials", type=int, help="replace the spec's n_trials")
-        parser.add_argument("--parallel", type=int, help="workers at once here (default 1)")
+        add_launcher_flags(parser)
+        parser.set_defaults(parallel=None)
         args = parser.parse_intermixed_args(argv)
+        settings = launcher_settings(args, SearchSpec.load(args.spec).launcher)
         study_dir, stopped = run_search(args.config, args.spec, args.log_dir, args.overrides,
-                                        args.n_trials, args.parallel)  # fmt: skip
+                                        args.n_trials, args.parallel, settings)  # fmt: skip
+        if settings.name == "slurm":
+            return 0
         if stopped:
             print(f"[tune] stopped by {signal.Signals(stopped).name}: the running trials saved "
                   "their last.ckpt; run the same command again to continue the study",

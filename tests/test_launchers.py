@@ -197,8 +197,8 @@ def test_ctrl_c_stops_every_parallel_run_which_saves_and_resumes(tmp_path):
 
 
 def test_flags_override_the_spec_launcher_and_reach_sbatch(tmp_path):
-    from swin_lightning.ablate import _launcher_settings, build_parser
-    from swin_lightning.runs.launchers import SlurmLauncher
+    from swin_lightning.ablate import build_parser
+    from swin_lightning.runs.launchers import SlurmLauncher, launcher_settings
 
     spec = write(tmp_path, {
         "experiment": "x", "variants": {"a": []},
@@ -210,7 +210,7 @@ def test_flags_override_the_spec_launcher_and_reach_sbatch(tmp_path):
         "--config", BASE, str(spec), "--time_min", "240", "--account", "proj", "--qos", "high",
         "--array_parallelism", "8", "--sbatch", "exclusive=true", "--mem_gb", "64",
     ])  # fmt: skip
-    settings = _launcher_settings(args, str(spec))
+    settings = launcher_settings(args, AblationSpec.load(spec).launcher)
     assert settings.name == "slurm" and settings.parallel == 3
     s = settings.slurm
     assert (s.partition, s.time_min, s.account, s.gpus_per_node) == ("gpu", 240, "proj", 4)

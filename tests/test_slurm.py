@@ -145,3 +145,37 @@ def test_scancel_shows_failed(slurm, tmp_path, capsys):
     assert time.perf_counter() - start < 30  # status never waits on a job
     out = capsys.readouterr().out
     assert "1 failed" in out and "failed: shift seed 0" in out
+
+
+def test_tune_workers_as_a_slurm_array(slurm, tmp_path):
+    import optuna
+
+    from swin_lightning.tune import main as tune
+    from tests.test_tune import DEMO, SMALL
+    from tests.test_tune import write_spec as write_search
+
+    spec = write_search(tmp_path, study="sl", n_trials=3, sampler="random", pruner="none",
+                        space={"model.optimizer.init_args.lr": {"type": "float", "low": 1e-3,
+                                                                "high": 3e-3}})  # fmt: skip
+    args = ["--config", DEMO, str(spec), "--log_dir", str(tmp_path), *SMALL,
+            "trainer.max_epochs=1", "--parallel", "2", *slurm_args("--cpus_per_task", "1")]  # fmt: skip
+    assert tune(args) == 0
+    study_dir = tmp_path / "sl"
+    jobs = json.loads((study_dir / "jobs.json").read_text())["job_ids"]
+    assert len(jobs) == 2 and jobs[0].endswith("_0")
+    storage = f"sqlite:///{study_dir / 'study.db'}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        trials = optuna.load_study(study_name="sl", storage=storage).get_trials()
+        if len(trials) == 3 and all(t.state.is_finished() for t in trials):
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError(f"study not complete: {trials}" + "".join(
+            Path(p).read_text()[-2000:] for p in json.loads((study_dir / "jobs.json").read_text())["stderr"]
+            if Path(p).is_file()))  # fmt: skip
+    assert sorted(t.number for t in trials) == [0, 1, 2]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    hosts = {json.loads((study_dir / f"trial_{t.number}" / "run.json").read_text())["launcher"]
+             for t in trials}  # fmt: skip
+    assert hosts == {"slurm"}

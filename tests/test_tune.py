@@ -157,3 +157,21 @@ def test_ready_search_specs_parse(monkeypatch):
 def test_status_of_a_folder_that_is_no_study(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 2
     assert "not a study folder" in capsys.readouterr().err
+
+
+def test_journal_storage_for_cluster_file_systems(tmp_path):
+    from swin_lightning.tune import create_study, open_storage, storage_url
+
+    spec = SearchSpec.load(write_spec(tmp_path, study="j", storage="journal", space={
+        "model.net.window_size": {"type": "categorical", "choices": [4, 8]}}))  # fmt: skip
+    url = storage_url(spec, tmp_path / "j")
+    assert url == f"journal:{(tmp_path / 'j' / 'journal.log').resolve()}"
+    (tmp_path / "j").mkdir()
+    study = create_study(spec, url)
+    trial = study.ask()
+    trial.suggest_categorical("model.net.window_size", [4, 8])
+    study.tell(trial.number, 0.5)
+    # Another process (here: another storage object on the same file) sees the trial.
+    again = optuna.load_study(study_name="j", storage=open_storage(url))
+    assert [t.value for t in again.get_trials()] == [0.5]
+    assert (tmp_path / "j" / "journal.log").stat().st_size > 0

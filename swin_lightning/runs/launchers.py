@@ -16,18 +16,22 @@ the run folders only (:mod:`swin_lightning.runs.store`).
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
 import subprocess
 import time
 from contextlib import suppress
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from swin_lightning.runs import attempt
 from swin_lightning.runs.attempt import Attempt, RunOutcome
-from swin_lightning.runs.spec import SlurmSettings
+from swin_lightning.runs.spec import LauncherSettings, SlurmSettings
 from swin_lightning.runs.store import (
     JOB_RECORD,
     SLURM_ACTIVE,
@@ -366,3 +370,58 @@ class SlurmLauncher:
                                        f"SLURM job {job.job_id}"))  # fmt: skip
             log(f"[ablate] {run.variant} seed {run.seed}: submitted as SLURM job {job.job_id}")
         return outcomes, None
+
+
+# ---------------------------------------------------------------------------- flags
+def _sbatch_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--sbatch {text!r}: give KEY=VALUE, e.g. mail-type=END")
+    return key, yaml.safe_load(value)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The ``Args:`` entries of a dataclass docstring, by field name (for --help)."""
+    docs: dict[str, str] = {}
+    name = None
+    for line in (cls.__doc__ or "").partition("Args:")[2].splitlines():
+        key, sep, text = line.strip().partition(": ")
+        if (
+            sep
+            and key.isidentifier()
+            and line.startswith(" " * 8)
+            and not line.startswith(" " * 12)
+        ):
+            name, docs[key] = key, text
+        elif name and line.strip():
+            docs[name] += " " + line.strip()
+    return docs
+
+
+def add_launcher_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("launcher (overrides the spec's launcher: section)")
+    group.add_argument("--launcher", choices=["local", "slurm"], dest="name")
+    group.add_argument("--parallel", type=int, help="local runs at once (default 1)")
+    group.add_argument("--gpus_per_run", type=int, help="GPUs per local run (default 1 on GPU)")
+    group.add_argument("--share_gpus", action="store_true", default=None,
+                       help="let local runs share GPUs when there are too few")  # fmt: skip
+    slurm = parser.add_argument_group("SLURM resources per run (--launcher slurm)")
+    docs = _field_docs(SlurmSettings)
+    for f in fields(SlurmSettings):
+        if f.name not in ("additional_parameters", "setup"):
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            help_text = f"{docs.get(f.name, '')} (default {f.default})".replace("%", "%%")
+            slurm.add_argument(f"--{f.name}", type=kind, help=help_text)
+    slurm.add_argument("--sbatch", type=_sbatch_option, action="append", default=[],
+                       metavar="KEY=VALUE", help="any other sbatch option (repeat)")  # fmt: skip
+
+
+def launcher_settings(args: argparse.Namespace, spec: LauncherSettings) -> LauncherSettings:
+    """The spec's launcher section with the flags given on the command line over it."""
+    given = {f.name: getattr(args, f.name) for f in fields(LauncherSettings)
+             if f.name != "slurm" and getattr(args, f.name, None) is not None}  # fmt: skip
+    slurm = {f.name: getattr(args, f.name) for f in fields(SlurmSettings)
+             if getattr(args, f.name, None) is not None}  # fmt: skip
+    extra = {**spec.slurm.additional_parameters, **dict(args.sbatch)}
+    return replace(spec, **given,
+                   slurm=replace(spec.slurm, **slurm, additional_parameters=extra))  # fmt: skip
