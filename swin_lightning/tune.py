@@ -245,8 +245,9 @@ class Worker:
                 if outcome.status == "interrupted":
                     self.log.append(f"[tune] trial {number}: interrupted ({outcome.message})")
                     return  # left RUNNING in the study: a re-run resumes it
-                said = self.tell(number, run, outcome)
-                print(f"[tune] trial {number}: {said}  {run.items}", flush=True)
+                with study_lock(self.study_dir):  # not while another worker parses a config
+                    said = self.tell(number, run, outcome)
+                    print(f"[tune] trial {number}: {said}  {run.items}", flush=True)
             finally:
                 lock.release()
 
