@@ -9,8 +9,9 @@ import yaml
 from swin_lightning.models import create_model
 from tests.conftest import CONFIGS, run_cli, write_cifar, write_imagefolder
 
-# Ablation specs (configs/ablations/specs) are not CLI configs: tests/test_ablation.py reads them.
-ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if "specs" not in p.parts)
+# Ablation specs (configs/ablations/specs) and search specs (configs/search) are not CLI
+# configs: tests/test_ablation.py, test_launchers.py and test_tune.py read them.
+ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if not {"specs", "search"} & set(p.parts))
 COMPLETE = [p for p in ALL_CONFIGS if {"model", "data"} <= set(yaml.safe_load(p.read_text()))]
 OVERLAYS = [p for p in ALL_CONFIGS if p not in COMPLETE]
 
