@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
-from swin_lightning.runs.spec import LauncherSettings, _is_overlay, _resolve
+from swin_lightning.runs.spec import LauncherSettings, _is_overlay, _resolve, load_typed_spec
 
 
 @dataclass
@@ -87,25 +87,8 @@ class SearchSpec:
     @classmethod
     def load(cls, path: str | Path) -> SearchSpec:
         """Read and validate a search spec; overlay choices become absolute paths."""
-        from jsonargparse import ArgumentParser
-
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a search spec is a mapping of keys (study, space, ...)")
-        raw.setdefault("study", path.stem)
-        parser = ArgumentParser(exit_on_error=False)
-        parser.add_argument("--spec", type=cls)
-        try:
-            spec = parser.instantiate(parser.parse_object({"spec": raw})).spec
-        except Exception as err:  # jsonargparse's ArgumentError, with the key in its text
-            text = " ".join(str(err).replace('"spec.', '"').replace("'spec'", "the spec").split())
-            raise ValueError(
-                f"{path}: {text} (spec keys: {', '.join(cls.__dataclass_fields__)})"
-            ) from None
+        spec = load_typed_spec(cls, path, name_key="study")
         spec.check(path)
         return spec
 

@@ -124,24 +124,8 @@ class AblationSpec:
     @classmethod
     def load(cls, path: str | Path) -> AblationSpec:
         """Read, validate and expand a spec file; overlay paths become absolute."""
-        from jsonargparse import ArgumentParser
-
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a spec is a mapping of keys (experiment, variants, ...)")
-        raw.setdefault("experiment", path.stem)
-        parser = ArgumentParser(exit_on_error=False)
-        parser.add_argument("--spec", type=cls)
-        try:
-            spec = parser.instantiate(parser.parse_object({"spec": raw})).spec
-        except Exception as err:  # jsonargparse's ArgumentError, with the key in its text
-            text = " ".join(str(err).replace('"spec.', '"').replace("'spec'", "the spec").split())
-            valid = ", ".join(cls.__dataclass_fields__)
-            raise ValueError(f"{path}: {text} (spec keys: {valid})") from None
+        spec = load_typed_spec(cls, path, name_key="experiment")
         spec.expand(path)
         return spec
 
@@ -172,6 +156,29 @@ class AblationSpec:
             except ValueError as err:
                 where = "args" if name == "args" else f"variant {name!r}"
                 raise ValueError(f"{path}: {where}: {err}") from None
+
+
+def load_typed_spec(cls: type, path: str | Path, name_key: str) -> Any:
+    """A YAML spec file as a ``cls`` dataclass, validated by jsonargparse; ``name_key``
+    defaults to the file's stem. Any problem is one ValueError naming the file and the key."""
+    from jsonargparse import ArgumentParser
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a spec is a mapping of keys ({name_key}, ...)")
+    raw.setdefault(name_key, path.stem)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--spec", type=cls)
+    try:
+        return parser.instantiate(parser.parse_object({"spec": raw})).spec
+    except Exception as err:  # jsonargparse's ArgumentError, with the key in its text
+        text = " ".join(str(err).replace('"spec.', '"').replace("'spec'", "the spec").split())
+        valid = ", ".join(cls.__dataclass_fields__)
+        raise ValueError(f"{path}: {text} (spec keys: {valid})") from None
 
 
 def _resolve(item: str, spec_dir: Path, spec_path: Path) -> str:
