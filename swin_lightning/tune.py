@@ -194,6 +194,8 @@ class Worker:
 
         with study_lock(self.study_dir):
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if RunLock(self.study_dir / f"trial_{t.number}").held_by():
+                    continue  # another worker trains it: no need to resolve its settings
                 run = self.run_of(t.number, t.params)
                 try:
                     return t.number, run, RunLock(run.dir).acquire()
