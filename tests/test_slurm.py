@@ -98,7 +98,8 @@ def test_preemption_requeue_limit_and_retry(slurm, tmp_path):
     assert main(args) == 0
     exp_dir = tmp_path / "preempt"
     wait_until(exp_dir, lambda ss: all(s.state == "running" and (s.step or 0) >= 8 for s in ss))
-    slurm.run("sbatch", "-p", "high", "-c", str(slurm.cpus), "--wrap", "sleep 1")
+    slurm.run("sbatch", "-p", "high", "-c", str(slurm.cpus), "--output", str(tmp_path / "high.out"),
+              "--wrap", "sleep 1")  # fmt: skip
     statuses = wait_until(exp_dir, lambda ss: all(s.attempts == 2 for s in ss) and
                           ss[0].state == "running" and (ss[0].step or 0) >= 60)  # fmt: skip
     first, other = statuses  # shift is task 0
