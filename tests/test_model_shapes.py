@@ -130,7 +130,10 @@ def test_other_input_size_pads_windows():
         ({"img_size": 225}, "not divisible by patch_size=4"),
         ({"depths": (2, 2, 6), "num_heads": (3, 6, 12, 24)}, "equal length"),
         ({"embed_dim": 100}, "not divisible by num_heads[0]=3"),
-        ({"pos_embed": "sinusoidal"}, "'sinusoidal' is not one of rel, abs, abs+rel, none"),
+        (
+            {"pos_embed": "sinusoidal"},
+            "'sinusoidal' is not one of rel, cpb, abs, abs+rel, abs+cpb, none",
+        ),
         ({"drop_path_rate": 1.0}, "drop_path_rate=1.0 must be in [0, 1)"),
         ({"attn_drop_rate": -0.1}, "attn_drop_rate=-0.1 must be in [0, 1)"),
         ({"window_size": 0}, "window_size=0 must be >= 1"),

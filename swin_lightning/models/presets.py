@@ -1,4 +1,5 @@
-"""Named Swin shapes: the paper's T/S/B/L at 224 (window 7) and 384 (window 12), and CIFAR."""
+"""Named Swin shapes: the paper's T/S/B/L at 224 (window 7) and 384 (window 12), CIFAR, and
+Swin V2's T/S/B at 256 (window 8 and 16) with B/L's window-transfer variants (12 -> 16, 24)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ _S = {"embed_dim": 96, "depths": (2, 2, 18, 2), "num_heads": (3, 6, 12, 24)}
 _B = {"embed_dim": 128, "depths": (2, 2, 18, 2), "num_heads": (4, 8, 16, 32)}
 _L = {"embed_dim": 192, "depths": (2, 2, 18, 2), "num_heads": (6, 12, 24, 48)}
 _AT_384 = {"img_size": 384, "window_size": 12}
+# Every Swin V2 switch at its V2 value (see swin_lightning.models.swin).
+_V2 = {"block_norm": "post", "attention": "cosine", "pos_embed": "cpb", "merge_norm": "post"}
+# Weights pretrained at 192 px / window 12 (stage 4: a global 6x6 window), fine-tuned larger.
+_FROM_W12 = {"pretrained_window_size": (12, 12, 12, 6)}
+_IN22K = {"num_classes": 21841}  # the window-12 models are ImageNet-22K pretraining models
 
 PRESETS: dict[str, dict[str, Any]] = {
     "swin_t": {**_T, "img_size": 224, "window_size": 7},
@@ -24,6 +30,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 32x32 input: 2x2 patches give a 16x16 grid, windows of 4 give 4x4 windows in stage 1;
     # stages 3 and 4 (4x4, 2x2) are then a single global window, as the paper's rule says.
     "swin_cifar": {**_T, "img_size": 32, "patch_size": 2, "window_size": 4},
+    # Swin V2 (timm: swinv2_{tiny,small,base}_window{8,16}_256, swinv2_{base,large}_window12*).
+    "swinv2_t": {**_T, **_V2, "img_size": 256, "window_size": 8},
+    "swinv2_t_w16": {**_T, **_V2, "img_size": 256, "window_size": 16},
+    "swinv2_s": {**_S, **_V2, "img_size": 256, "window_size": 8},
+    "swinv2_s_w16": {**_S, **_V2, "img_size": 256, "window_size": 16},
+    "swinv2_b": {**_B, **_V2, "img_size": 256, "window_size": 8},
+    "swinv2_b_w16": {**_B, **_V2, "img_size": 256, "window_size": 16},
+    "swinv2_b_w12": {**_B, **_V2, **_IN22K, "img_size": 192, "window_size": 12},
+    "swinv2_b_w12to16": {**_B, **_V2, **_FROM_W12, "img_size": 256, "window_size": 16},
+    "swinv2_b_w12to24": {**_B, **_V2, **_FROM_W12, "img_size": 384, "window_size": 24},
+    "swinv2_l_w12": {**_L, **_V2, **_IN22K, "img_size": 192, "window_size": 12},
+    "swinv2_l_w12to16": {**_L, **_V2, **_FROM_W12, "img_size": 256, "window_size": 16},
+    "swinv2_l_w12to24": {**_L, **_V2, **_FROM_W12, "img_size": 384, "window_size": 24},
+    "swinv2_cifar": {**_T, **_V2, "img_size": 32, "patch_size": 2, "window_size": 4},
 }
 
 

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 # Buffers that the reference implementations save but this model derives from its shape.
-_DERIVED_BUFFERS = ("relative_position_index", "attn_mask")
+_DERIVED_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask")
 # Containers that training scripts wrap state dicts in (official: "model", Lightning: "state_dict").
 _WRAPPER_KEYS = ("state_dict", "model", "model_ema", "state_dict_ema")
 _WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -153,7 +153,12 @@ def _from_torchvision(state: dict, model: nn.Module) -> dict:
         if m := re.match(r"features\.0\.(\d)\.(.*)", k):
             k = {"0": "patch_embed.proj.", "2": "patch_embed.norm."}[m[1]] + m[2]
         elif m := re.match(r"features\.(\d+)\.(\d+)\.(.*)", k):  # odd n: blocks of a stage
-            rest = m[3].replace("mlp.0.", "mlp.fc1.").replace("mlp.3.", "mlp.fc2.")
+            rest = re.sub(r"^mlp\.0\.", "mlp.fc1.", re.sub(r"^mlp\.3\.", "mlp.fc2.", m[3]))
+            if rest == "attn.qkv.bias" and f"{m[0][: -len(m[3])]}attn.logit_scale" in state:
+                # Swin V2 (cosine attention): torchvision keeps a full qkv bias and zeroes its
+                # key third at every forward; the model holds only query and value biases.
+                rest, (q_bias, _, v) = "attn.v_bias", v.chunk(3)
+                out[f"layers.{(int(m[1]) - 1) // 2}.blocks.{m[2]}.attn.q_bias"] = q_bias
             k = f"layers.{(int(m[1]) - 1) // 2}.blocks.{m[2]}.{rest}"
         elif m := re.match(r"features\.(\d+)\.(reduction|norm)\.(.*)", k):  # even n: merging
             k = f"layers.{int(m[1]) // 2}.downsample.{m[2]}.{m[3]}"

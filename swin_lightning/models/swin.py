@@ -1,4 +1,5 @@
-"""A from-scratch Swin Transformer (Liu et al., ICCV 2021), written to be read.
+"""A from-scratch Swin Transformer (Liu et al., ICCV 2021), written to be read, with Swin V2's
+changes (Liu et al., CVPR 2022) as switches of the same blocks.
 
 Pipeline: patch partition + linear embedding -> stages of Swin blocks that alternate W-MSA
 and SW-MSA (cyclic shift, attention mask, relative position bias) -> patch merging at the
@@ -6,10 +7,22 @@ start of every stage after the first (halves the resolution, doubles the channel
 LayerNorm -> global average pool -> linear head. Everything runs channels-last
 (``B, H, W, C``). Parameter names follow timm's layout, so timm checkpoints load as they are
 and the official and torchvision layouts need only key renames (see ``pretrained.py``).
+
+Swin V2 is every switch at its V2 value (the ``swinv2_*`` presets); V1 is every switch at
+its default, so V1 weights and logits do not depend on the V2 code:
+
+- ``block_norm='post'``: residual post-norm, ``x + norm(attn(x))`` instead of
+  ``x + attn(norm(x))``;
+- ``attention='cosine'``: scaled cosine attention, ``cos(q, k) * exp(min(s, log 100))``
+  with a learned logit scale ``s`` per head (no key bias), instead of ``q k^T / sqrt(d)``;
+- ``pos_embed='cpb'``: log-spaced continuous position bias, ``16 * sigmoid(MLP(coords))``,
+  instead of the learned bias table; ``pretrained_window_size`` for window transfer;
+- ``merge_norm='post'``: patch merging reduces 4C -> 2C, then normalises.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -20,14 +33,29 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from swin_lightning.models.windows import (
+    log_spaced_relative_coords,
     relative_position_index,
     shift_attention_mask,
     window_partition,
     window_reverse,
 )
 
-PosEmbed = Literal["rel", "abs", "abs+rel", "none"]
-POS_EMBED_CHOICES = ("rel", "abs", "abs+rel", "none")
+PosEmbed = Literal["rel", "cpb", "abs", "abs+rel", "abs+cpb", "none"]
+POS_EMBED_CHOICES = ("rel", "cpb", "abs", "abs+rel", "abs+cpb", "none")
+PositionBias = Literal["table", "cpb", "none"]
+Attention = Literal["dot", "cosine"]
+NormPlacement = Literal["pre", "post"]
+ATTENTION_CHOICES = ("dot", "cosine")
+NORM_PLACEMENTS = ("pre", "post")
+# Swin V2 clamps the learned logit scale at log(1 / 0.01): cosine logits stay within +-100.
+LOGIT_SCALE_MAX = math.log(100.0)
+# Hidden width of Swin V2's continuous position bias MLP (as the paper's code).
+CPB_HIDDEN = 512
+
+
+def position_bias_kind(pos_embed: str) -> PositionBias:
+    """The relative position bias a ``pos_embed`` setting asks for: table, cpb or none."""
+    return "table" if "rel" in pos_embed else "cpb" if "cpb" in pos_embed else "none"
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -59,12 +87,17 @@ class PatchEmbed(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """Concatenate each 2x2 neighbourhood (4C), LayerNorm, then a linear map 4C -> 2C."""
+    """Concatenate each 2x2 neighbourhood (4C) and map it linearly to 2C.
 
-    def __init__(self, dim: int, out_dim: int | None = None):
+    ``norm='pre'`` (V1): LayerNorm over the 4C concatenation, then the linear map;
+    ``norm='post'`` (V2): the linear map, then LayerNorm over its 2C output.
+    """
+
+    def __init__(self, dim: int, out_dim: int | None = None, norm: NormPlacement = "pre"):
         super().__init__()
         self.out_dim = out_dim or 2 * dim
-        self.norm = nn.LayerNorm(4 * dim)
+        self.norm_first = norm == "pre"
+        self.norm = nn.LayerNorm(4 * dim if self.norm_first else self.out_dim)
         self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +107,7 @@ class PatchMerging(nn.Module):
             H, W = x.shape[1:3]
         # (h, w) neighbours ordered (0,0), (1,0), (0,1), (1,1): the official x0..x3 order.
         x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
-        return self.reduction(self.norm(x))
+        return self.reduction(self.norm(x)) if self.norm_first else self.norm(self.reduction(x))
 
 
 class Mlp(nn.Module):
@@ -98,6 +131,14 @@ class WindowAttention(nn.Module):
     The bias (``heads, N, N``) and the shift mask (``nW, N, N``) are summed into one additive
     tensor and handed to :func:`torch.nn.functional.scaled_dot_product_attention`, so fused
     kernels are used wherever the backend has them.
+
+    Args:
+        position_bias: 'table' (V1: a learned ``(2w-1)^2 x heads`` table), 'cpb' (V2: an MLP
+            over log-spaced offsets, ``16 * sigmoid``) or 'none'.
+        attention: 'dot' (V1: ``q k^T / sqrt(d)``) or 'cosine' (V2: cosine similarity times
+            a learned per-head scale, clamped at 100; the key projection has no bias).
+        pretrained_window_size: For 'cpb': the window the weights were trained at (0: this
+            window); offsets are normalised by it, so a larger window extrapolates.
     """
 
     def __init__(
@@ -108,42 +149,85 @@ class WindowAttention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        rel_pos_bias: bool = True,
+        position_bias: PositionBias = "table",
+        attention: Attention = "dot",
+        pretrained_window_size: tuple[int, int] = (0, 0),
     ):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.window_size = window_size
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.position_bias = position_bias
+        cosine = attention == "cosine"
+        # Cosine attention normalises k, so a key bias would change the result: V2 has none,
+        # and keeps separate q and v biases (timm's and the official parameter names).
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias and not cosine)
+        if cosine and qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
+        self.logit_scale = (
+            nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0))) if cosine else None
+        )
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        if rel_pos_bias:
+        self.relative_position_bias_table = self.cpb_mlp = None
+        if position_bias == "table":
             wh, ww = window_size
             self.relative_position_bias_table = nn.Parameter(
                 torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads)
             )
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        elif position_bias == "cpb":
+            self.cpb_mlp = nn.Sequential(
+                nn.Linear(2, CPB_HIDDEN),
+                nn.ReLU(inplace=True),
+                nn.Linear(CPB_HIDDEN, num_heads, bias=False),
+            )
+            coords = log_spaced_relative_coords(window_size, pretrained_window_size)
+            self.register_buffer("relative_coords_table", coords, persistent=False)
+        if position_bias != "none":
             self.register_buffer(
                 "relative_position_index", relative_position_index(window_size), persistent=False
             )
-        else:
-            self.relative_position_bias_table = None
 
     def relative_position_bias(self) -> torch.Tensor | None:
-        """The learned bias for every query/key pair of a window: ``(heads, N, N)``."""
-        if self.relative_position_bias_table is None:
+        """The bias for every query/key pair of a window: ``(heads, N, N)``, or None."""
+        if self.position_bias == "none":
             return None
+        if self.cpb_mlp is not None:
+            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        else:
+            table = self.relative_position_bias_table
         N = self.window_size[0] * self.window_size[1]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(N, N, self.num_heads).permute(2, 0, 1)
+        bias = table[self.relative_position_index.view(-1)].view(N, N, self.num_heads)
+        bias = bias.permute(2, 0, 1)
+        return 16 * torch.sigmoid(bias) if self.cpb_mlp is not None else bias
+
+    def _project(self, x: torch.Tensor):
+        """``q, k, v`` of windows ``(B, nW, N, C)``, each ``(B, nW, N, heads, d)``, and the
+        logit scale to attend with (None: ``1/sqrt(d)``). Cosine attention returns unit
+        keys and unit queries already multiplied by the clamped per-head scale."""
+        B, nW, N, _ = x.shape
+        h, d = self.num_heads, self.head_dim
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+            qkv = F.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.view(B, nW, N, 3, h, d).unbind(3)
+        if self.logit_scale is None:
+            return q, k, v, None
+        scale = self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp().view(h, 1)
+        return F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1), v, 1.0
 
     def attention_probs(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The softmax weights ``(B, nW, heads, N, N)``, computed explicitly (for pictures)."""
-        B, nW, N, _ = x.shape
-        qkv = self.qkv(x).view(B, nW, N, 3, self.num_heads, self.head_dim)
-        q, k, _ = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
-        logits = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+        q, k, _, scale = self._project(x)
+        q, k = q.transpose(2, 3), k.transpose(2, 3)  # (B, nW, heads, N, d)
+        logits = (q * (scale or self.head_dim**-0.5)) @ k.transpose(-2, -1)
         bias = self.relative_position_bias()
         if bias is not None:
             logits = logits + bias
@@ -155,21 +239,22 @@ class WindowAttention(nn.Module):
         """``x``: windows ``(B, nW, N, C)``; ``mask``: additive ``(nW, N, N)`` or None."""
         B, nW, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        qkv = self.qkv(x).view(B, nW, N, 3, h, d)
+        q, k, v, scale = self._project(x)
         bias = self.relative_position_bias()
         dropout_p = self.attn_drop if self.training else 0.0
         if mask is None:
             # Same bias for every window: fold windows into the batch, broadcast over it.
-            q, k, v = qkv.view(B * nW, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = (t.reshape(B * nW, N, h, d).transpose(1, 2) for t in (q, k, v))
             additive = None if bias is None else bias.unsqueeze(0).to(q.dtype)
-            out = attend(q, k, v, additive, dropout_p).transpose(1, 2).reshape(B, nW, N, C)
+            out = attend(q, k, v, additive, dropout_p, scale)
+            out = out.transpose(1, 2).reshape(B, nW, N, C)
         else:
             # Per-window mask: fold windows into the head axis, so one (1, nW*h, N, N)
             # tensor broadcasts over the batch instead of being copied for every image.
             additive = mask.unsqueeze(1) if bias is None else mask.unsqueeze(1) + bias
-            additive = additive.expand(nW, h, N, N).reshape(1, nW * h, N, N).to(qkv.dtype)
-            q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, B, nW * h, N, d).unbind(0)
-            out = attend(q, k, v, additive, dropout_p)
+            additive = additive.expand(nW, h, N, N).reshape(1, nW * h, N, N).to(q.dtype)
+            q, k, v = (t.transpose(2, 3).reshape(B, nW * h, N, d) for t in (q, k, v))
+            out = attend(q, k, v, additive, dropout_p, scale)
             out = out.view(B, nW, h, N, d).transpose(2, 3).reshape(B, nW, N, C)
         return self.proj_drop(self.proj(out))
 
@@ -180,8 +265,10 @@ def attend(
     v: torch.Tensor,
     additive: torch.Tensor | None,
     dropout_p: float = 0.0,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(d) + additive) v``, with the fastest kernel for the case.
+    """``softmax(q k^T * scale + additive) v`` (``scale`` None: ``1/sqrt(d)``), with the
+    fastest kernel for the case.
 
     :func:`~torch.nn.functional.scaled_dot_product_attention` everywhere, except on the CPU
     when the additive bias needs a gradient (training with a relative position bias): the
@@ -189,8 +276,10 @@ def attend(
     matmul-softmax-matmul (see ``python -m swin_lightning bench``).
     """
     if additive is not None and additive.requires_grad and q.device.type == "cpu":
-        return attend_explicit(q, k, v, additive, dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=dropout_p)
+        return attend_explicit(q, k, v, additive, dropout_p, scale)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=additive, dropout_p=dropout_p, scale=scale
+    )
 
 
 def attend_explicit(
@@ -199,17 +288,24 @@ def attend_explicit(
     v: torch.Tensor,
     additive: torch.Tensor | None,
     dropout_p: float = 0.0,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """The same attention as :func:`attend`, written out as matmul, softmax, matmul."""
-    # Scaled and biased in place: neither step's backward needs the logits it overwrites.
-    logits = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
+    logits = torch.matmul(q, k.transpose(-2, -1))
+    if scale != 1.0:
+        # Scaled in place: the matmul's backward does not need the logits it overwrites.
+        logits = logits.mul_(q.shape[-1] ** -0.5 if scale is None else scale)
     if additive is not None:
         logits = logits.add_(additive)
     return torch.matmul(F.dropout(logits.softmax(dim=-1), dropout_p), v)
 
 
 class SwinBlock(nn.Module):
-    """Pre-norm Swin block: (S)W-MSA + residual, then MLP + residual, both with drop path.
+    """Swin block: (S)W-MSA + residual, then MLP + residual, both with drop path.
+
+    ``norm='pre'`` (V1) normalises each branch's input, ``x + f(norm(x))``; ``norm='post'``
+    (V2's residual post-norm) its output, ``x + norm(f(x))``, so the residual stream's
+    activations do not grow with depth.
 
     As in the paper's code, a stage whose resolution is not larger than the window uses
     a window equal to the resolution and no shift (the window is then global).
@@ -227,9 +323,13 @@ class SwinBlock(nn.Module):
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
-        rel_pos_bias: bool = True,
+        position_bias: PositionBias = "table",
+        attention: Attention = "dot",
+        norm: NormPlacement = "pre",
+        pretrained_window_size: int = 0,
     ):
         super().__init__()
+        self.post_norm = norm == "post"
         self.input_resolution = input_resolution
         self.window_size = tuple(min(r, window_size) for r in input_resolution)
         self.shift_size = tuple(
@@ -237,8 +337,9 @@ class SwinBlock(nn.Module):
         )
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(
-            dim, num_heads, self.window_size, qkv_bias, attn_drop, proj_drop, rel_pos_bias
-        )
+            dim, num_heads, self.window_size, qkv_bias, attn_drop, proj_drop, position_bias,
+            attention, (pretrained_window_size, pretrained_window_size),
+        )  # fmt: skip
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
@@ -296,10 +397,13 @@ class SwinBlock(nn.Module):
     @torch.no_grad()
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Attention weights ``(B, nW, heads, N, N)`` for the block's input ``x`` (pictures)."""
-        windows, _, mask = self.to_windows(self.norm1(x))
+        windows, _, mask = self.to_windows(x if self.post_norm else self.norm1(x))
         return self.attn.attention_probs(windows, mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.post_norm:
+            x = x + self.drop_path(self.norm1(self._attention(x)))
+            return x + self.drop_path(self.norm2(self.mlp(x)))
         x = x + self.drop_path(self._attention(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -322,12 +426,16 @@ class SwinStage(nn.Module):
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: Sequence[float] = (),
-        rel_pos_bias: bool = True,
+        position_bias: PositionBias = "table",
+        attention: Attention = "dot",
+        block_norm: NormPlacement = "pre",
+        merge_norm: NormPlacement = "pre",
+        pretrained_window_size: int = 0,
         grad_checkpointing: bool = False,
     ):
         super().__init__()
         self.grad_checkpointing = grad_checkpointing
-        self.downsample = PatchMerging(dim, out_dim) if downsample else nn.Identity()
+        self.downsample = PatchMerging(dim, out_dim, merge_norm) if downsample else nn.Identity()
         if downsample:
             input_resolution = tuple((r + 1) // 2 for r in input_resolution)
         self.output_resolution = input_resolution
@@ -345,7 +453,10 @@ class SwinStage(nn.Module):
                     proj_drop=proj_drop,
                     attn_drop=attn_drop,
                     drop_path=drop_path[i],
-                    rel_pos_bias=rel_pos_bias,
+                    position_bias=position_bias,
+                    attention=attention,
+                    norm=block_norm,
+                    pretrained_window_size=pretrained_window_size,
                 )
                 for i in range(depth)
             ]
@@ -379,8 +490,18 @@ class SwinTransformer(nn.Module):
         attn_drop_rate: Dropout on the attention weights.
         drop_path_rate: Stochastic depth rate of the last block; rises linearly from 0.
         shift: Alternate W-MSA with shifted-window SW-MSA (False: W-MSA only, the ablation).
-        pos_embed: Position encoding: 'rel' (relative position bias, the paper's default),
-            'abs' (learned absolute embedding), 'abs+rel' or 'none'.
+        pos_embed: Position encoding: 'rel' (relative position bias table, the paper's
+            default), 'cpb' (Swin V2's continuous position bias), 'abs' (learned absolute
+            embedding), 'abs+rel', 'abs+cpb' or 'none'.
+        attention: 'dot' (scaled dot product, V1) or 'cosine' (Swin V2's scaled cosine
+            attention with a learned, clamped logit scale per head).
+        block_norm: Where each block's LayerNorms sit: 'pre' (on the branch input, V1) or
+            'post' (Swin V2's residual post-norm, on the branch output).
+        merge_norm: Patch merging's LayerNorm 'pre' (before the 4C -> 2C reduction, V1) or
+            'post' (after it, V2).
+        pretrained_window_size: With pos_embed 'cpb': the window size the weights were
+            pretrained at, one per stage or one for all (0: the model's own window). Set it
+            when fine-tuning at a larger window, as Swin V2 does (12 -> 16 or 24).
         patch_norm: LayerNorm after the patch embedding.
         grad_checkpointing: Recompute blocks in the backward pass to save activation memory.
         pad_windows: Zero-pad a stage resolution the window does not tile (False: reject
@@ -404,6 +525,10 @@ class SwinTransformer(nn.Module):
         drop_path_rate: float = 0.1,
         shift: bool = True,
         pos_embed: PosEmbed = "rel",
+        attention: Attention = "dot",
+        block_norm: NormPlacement = "pre",
+        merge_norm: NormPlacement = "pre",
+        pretrained_window_size: int | Sequence[int] = 0,
         patch_norm: bool = True,
         grad_checkpointing: bool = False,
         pad_windows: bool = True,
@@ -415,6 +540,9 @@ class SwinTransformer(nn.Module):
             img_size, patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio,
             drop_rate, attn_drop_rate, drop_path_rate, pos_embed, pad_windows,
         )  # fmt: skip
+        pretrained_windows = validate_v2_switches(
+            len(depths), pos_embed, attention, block_norm, merge_norm, pretrained_window_size
+        )
         self.img_size = img_size
         self.num_classes = num_classes
         self.pos_embed = pos_embed
@@ -440,7 +568,9 @@ class SwinTransformer(nn.Module):
                 downsample=i > 0, shift=shift, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                 proj_drop=drop_rate, attn_drop=attn_drop_rate,
                 drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
-                rel_pos_bias="rel" in pos_embed, grad_checkpointing=grad_checkpointing,
+                position_bias=position_bias_kind(pos_embed), attention=attention,
+                block_norm=block_norm, merge_norm=merge_norm,
+                pretrained_window_size=pretrained_windows[i], grad_checkpointing=grad_checkpointing,
             )  # fmt: skip
             stages.append(stage)
             dim, resolution = out_dim, stage.output_resolution
@@ -456,7 +586,7 @@ class SwinTransformer(nn.Module):
 
     def no_weight_decay_keywords(self) -> set[str]:
         """Name fragments of parameters that take no weight decay (besides norms and biases)."""
-        return {"relative_position_bias_table", "absolute_pos_embed"}
+        return {"relative_position_bias_table", "absolute_pos_embed", "cpb_mlp", "logit_scale"}
 
     def group_matcher(self, coarse: bool = False) -> dict[str, object]:
         """Parameter groups by depth, as timm's Swin (used by ``timm.optim`` layer decay).
@@ -512,6 +642,41 @@ def _init_linear(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def validate_v2_switches(
+    num_stages: int,
+    pos_embed: str,
+    attention: str,
+    block_norm: str,
+    merge_norm: str,
+    pretrained_window_size: int | Sequence[int],
+) -> list[int]:
+    """Check Swin V2's switches; returns the pretrained window size of every stage."""
+    for name, value, choices in (
+        ("attention", attention, ATTENTION_CHOICES),
+        ("block_norm", block_norm, NORM_PLACEMENTS),
+        ("merge_norm", merge_norm, NORM_PLACEMENTS),
+    ):
+        if value not in choices:
+            raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+    sizes = (
+        [pretrained_window_size] * num_stages
+        if isinstance(pretrained_window_size, int)
+        else list(pretrained_window_size)
+    )
+    if len(sizes) != num_stages or any(not isinstance(w, int) or w < 0 for w in sizes):
+        raise ValueError(
+            f"pretrained_window_size={pretrained_window_size!r} must be one int >= 0 or one per "
+            f"stage ({num_stages} stages)"
+        )
+    if any(sizes) and "cpb" not in pos_embed:
+        raise ValueError(
+            f"pretrained_window_size={pretrained_window_size!r} only applies to the continuous "
+            f"position bias, but pos_embed={pos_embed!r}; use pos_embed cpb (or abs+cpb), or "
+            "leave pretrained_window_size at 0 (V1 tables are resized when loading instead)"
+        )
+    return sizes
 
 
 def validate_architecture(

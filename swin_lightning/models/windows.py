@@ -1,9 +1,11 @@
-"""Window helpers for Swin: partition/reverse, relative position index and the shift mask.
+"""Window helpers for Swin: partition/reverse, relative positions and the shift mask.
 
 All tensors are channels-last (``B, H, W, C``), the layout the whole model works in.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,6 +39,25 @@ def relative_position_index(window: tuple[int, int]) -> torch.Tensor:
     rel[..., 0] += wh - 1
     rel[..., 1] += ww - 1
     return rel[..., 0] * (2 * ww - 1) + rel[..., 1]
+
+
+def log_spaced_relative_coords(
+    window: tuple[int, int], pretrained_window: tuple[int, int] = (0, 0)
+) -> torch.Tensor:
+    """Swin V2's inputs to the continuous position bias MLP: ``(2wh-1, 2ww-1, 2)``.
+
+    Every relative offset ``(dy, dx)`` of a window, scaled so the largest offset of the
+    pretraining window (``pretrained_window``; 0: this window) maps to 8, then log-spaced:
+    ``sign(t) * log2(1 + |t|) / log2(8)``. Offsets of a larger window then extrapolate
+    gently past +-1 instead of far past the range the MLP was trained on. Rows are ordered
+    as :func:`relative_position_index` indexes them.
+    """
+    axes = []
+    for size, pretrained in zip(window, pretrained_window, strict=True):
+        span = max((pretrained if pretrained > 0 else size) - 1, 1)  # a window of 1: offset 0
+        axes.append(torch.arange(-(size - 1), size, dtype=torch.float32) / span * 8)
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    return torch.sign(coords) * torch.log2(coords.abs() + 1.0) / math.log2(8)
 
 
 def shift_region_ids(
