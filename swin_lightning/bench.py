@@ -60,7 +60,12 @@ def _sync() -> None:
 
 # ---------------------------------------------------------------- 1. models
 def build_model(impl: str, shape: str) -> nn.Module:
-    """Project / timm / torchvision Swin of the same shape, stochastic depth off."""
+    """Project / timm / torchvision Swin of the same shape, stochastic depth off.
+
+    Shapes: 'swin_t' (V1 Swin-T, 224), 'cifar' (V1 Swin-T widths, 2x2 patches, window 4) and
+    'swinv2_t' (Swin V2-T, 256, window 8: timm's swinv2_tiny_window8_256, torchvision's
+    swin_v2_t).
+    """
     import timm
 
     from swin_lightning.models import create_model
@@ -68,16 +73,31 @@ def build_model(impl: str, shape: str) -> nn.Module:
     cifar = shape == "cifar"
     kwargs = {"num_classes": 10 if cifar else 1000}
     if impl == "swin_lightning":
-        return create_model("swin_cifar" if cifar else "swin_t", drop_path_rate=0.0, **kwargs)
+        name = {"cifar": "swin_cifar", "swin_t": "swin_t", "swinv2_t": "swinv2_t"}[shape]
+        return create_model(name, drop_path_rate=0.0, **kwargs)
     if impl == "timm":
+        if shape == "swinv2_t":
+            return timm.create_model("swinv2_tiny_window8_256", drop_path_rate=0.0, **kwargs)
         extra = {"img_size": 32, "patch_size": 2, "window_size": 4} if cifar else {}
         return timm.create_model(
             "swin_tiny_patch4_window7_224", pretrained=False, drop_path_rate=0.0, **extra, **kwargs
         )
     if impl == "torchvision":
-        from torchvision.models.swin_transformer import SwinTransformer
+        from torchvision.models import swin_transformer as tv
 
-        return SwinTransformer(
+        if shape == "swinv2_t":
+            return tv.SwinTransformer(
+                patch_size=[4, 4],
+                embed_dim=96,
+                depths=[2, 2, 6, 2],
+                num_heads=[3, 6, 12, 24],
+                window_size=[8, 8],
+                stochastic_depth_prob=0.0,
+                block=tv.SwinTransformerBlockV2,
+                downsample_layer=tv.PatchMergingV2,
+                **kwargs,
+            )  # fmt: skip  (swin_v2_t with stochastic depth off)
+        return tv.SwinTransformer(
             patch_size=[2, 2] if cifar else [4, 4],
             embed_dim=96,
             depths=[2, 2, 6, 2],
@@ -89,7 +109,11 @@ def build_model(impl: str, shape: str) -> nn.Module:
     raise ValueError(f"unknown implementation {impl!r}")
 
 
-SHAPES = {"swin_t_224": ("swin_t", 224), "cifar_32": ("cifar", 32)}
+SHAPES = {
+    "swin_t_224": ("swin_t", 224),
+    "cifar_32": ("cifar", 32),
+    "swinv2_t_256": ("swinv2_t", 256),
+}
 IMPLS = ("swin_lightning", "timm", "torchvision")
 
 
@@ -507,7 +531,11 @@ def run(args: argparse.Namespace) -> str:
         "",
     ]
 
-    batches = {"swin_t_224": 2 if quick else 4, "cifar_32": 16 if quick else 32}
+    batches = {
+        "swin_t_224": 2 if quick else 4,
+        "cifar_32": 16 if quick else 32,
+        "swinv2_t_256": 2 if quick else 4,
+    }
     rows = bench_models(device, rounds=3 if quick else 7, batches=batches)
     md += [
         "## 1. Model throughput (images/s; ratio = project / timm)",

@@ -60,6 +60,9 @@ def test_bench_quick_writes_report(tmp_path):
         ("swin_t_224", "timm"),
         ("cifar_32", "torchvision"),
         ("cifar_32", "swin_lightning"),
+        ("swinv2_t_256", "swin_lightning"),
+        ("swinv2_t_256", "timm"),
+        ("swinv2_t_256", "torchvision"),
     } <= impls
     assert all(r["train_img_s"] > 0 and r["fwd_img_s"] > 0 for r in results["models"])
     assert set(results["overhead_s_per_step"]) == {

@@ -57,12 +57,15 @@ def test_every_switch_combination_trains_and_round_trips(switches, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
+    # Two steps: zero-initialised post-norms pass no gradient to their branch on the first.
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
     assert not no_grad, f"parameters without a gradient: {no_grad}"
-    optimizer.step()
-    assert torch.isfinite(loss)
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters()), "no update"
     path = tmp_path / "weights.pth"
     torch.save(model.state_dict(), path)
@@ -95,6 +98,15 @@ def test_post_norm_normalises_the_branch_output():
         after_attn = x + block.norm1(block._attention(x))
         expected = after_attn + block.norm2(block.mlp(after_attn))
         torch.testing.assert_close(block(x), expected)
+
+
+def test_post_norm_blocks_start_as_the_identity():
+    # The official V2 code's initialisation: both post-norms start at zero.
+    block = SwinBlock(8, 2, (8, 8), 4, shift=True, norm="post")
+    x = torch.randn(2, 8, 8, 8)
+    assert torch.equal(block(x), x)
+    F.mse_loss(block(x), torch.randn_like(x)).backward()
+    assert block.norm1.weight.grad.abs().sum() > 0  # and it learns from there
 
 
 def test_cosine_logits_are_clamped_at_100():

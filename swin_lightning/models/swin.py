@@ -305,7 +305,8 @@ class SwinBlock(nn.Module):
 
     ``norm='pre'`` (V1) normalises each branch's input, ``x + f(norm(x))``; ``norm='post'``
     (V2's residual post-norm) its output, ``x + norm(f(x))``, so the residual stream's
-    activations do not grow with depth.
+    activations do not grow with depth; the post-norms start at zero (the official V2
+    code's initialisation), so the block starts as the identity.
 
     As in the paper's code, a stage whose resolution is not larger than the window uses
     a window equal to the resolution and no shift (the window is then global).
@@ -343,6 +344,11 @@ class SwinBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+        if self.post_norm:
+            # As the official V2 code: post-norms start at zero, so every block starts as the
+            # identity and each branch's contribution grows from nothing.
+            for norm in (self.norm1, self.norm2):
+                nn.init.zeros_(norm.weight), nn.init.zeros_(norm.bias)
         # The shift mask only depends on the (padded) resolution: build it once for the
         # configured one; other input sizes get theirs built and cached on first use.
         self._mask_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
