@@ -37,7 +37,8 @@ def data_args(config, tmp_path) -> list[str]:
 def test_configs_found():
     names = {config_id(p) for p in ALL_CONFIGS}
     assert {"demo.yaml", "cifar10.yaml", "cifar100.yaml", "imagefolder.yaml"} <= names
-    assert {f"imagenet/swin_{s}.yaml" for s in "tsbl"} <= names
+    assert {f"imagenet/swin_{s}.yaml" for s in "tsbl"} | {"imagenet/swinv2_t.yaml"} <= names
+    assert {f"models/swinv2_{s}.yaml" for s in "tsb"} <= names
     assert {"ablations/no_shift.yaml", "trainer/fast_dev_run.yaml", "trainer/ddp.yaml"} <= names
     assert {"trainer/fsdp.yaml", "trainer/ddp_cpu.yaml", "trainer/multinode.yaml"} <= names
     assert {"finetune/swin_t_384.yaml", "finetune/imagenet_to_cifar10.yaml"} <= names

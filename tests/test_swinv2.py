@@ -197,3 +197,25 @@ def test_v2_parameters_take_no_weight_decay():
 def test_bad_v2_settings_are_rejected_by_name(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         SwinTransformer(**kwargs)
+
+
+def test_v2_ablation_spec_builds_the_models_it_names(monkeypatch):
+    # Each variant of configs/ablations/specs/v2.yaml, through the CLI, on its base config.
+    from swin_lightning.runs.spec import AblationSpec, cli_args
+    from tests.conftest import CONFIGS, REPO, run_cli
+
+    monkeypatch.chdir(REPO)
+    spec = AblationSpec.load(CONFIGS / "ablations" / "specs" / "v2.yaml")
+    nets = {}
+    for name, items in spec.variants.items():
+        args = ["--config", "configs/ablations/window_pairs.yaml", *cli_args(items)]
+        nets[name] = run_cli(*args, run=False).model.net
+    assert nets["v1"].pos_embed == "rel" and not nets["v1"].layers[0].blocks[0].post_norm
+    assert nets["post_norm"].layers[0].blocks[0].post_norm
+    assert nets["cosine"].layers[0].blocks[0].attn.logit_scale is not None
+    assert nets["cpb"].layers[0].blocks[0].attn.cpb_mlp is not None
+    assert not nets["merge_post_norm"].layers[1].downsample.norm_first
+    v2 = nets["v2"]
+    assert v2.layers[0].blocks[0].post_norm and not v2.layers[1].downsample.norm_first
+    assert v2.layers[0].blocks[0].attn.cpb_mlp is not None
+    assert v2.layers[0].blocks[0].attn.logit_scale is not None
