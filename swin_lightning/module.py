@@ -65,6 +65,46 @@ def layer_decay_groups(
     return groups
 
 
+COMPILE_CHOICES = ("none", "full", "regional")
+
+
+def compile_network(
+    net: nn.Module,
+    how: str = "full",
+    mode: str = "default",
+    dynamic: bool | None = None,
+    backend: str = "inductor",
+) -> None:
+    """``torch.compile`` a Swin in place: 'full' (one graph), 'regional' (every Swin block
+    alone) or 'none'. In place (``nn.Module.compile``), so no ``_orig_mod.`` prefix reaches
+    the state dict."""
+    from swin_lightning.models.swin import SwinBlock
+
+    if how not in COMPILE_CHOICES:
+        raise ValueError(f"model.compile={how!r} is not one of {', '.join(COMPILE_CHOICES)}")
+    if how == "none":
+        return
+    if dynamic is None and how == "regional":
+        # Each block shape is its own graph anyway; torch's automatic dynamic shapes would
+        # retrace the second shape symbolically (10x slower to compile, and slower code).
+        dynamic = False
+    options = {"mode": None if mode == "default" else mode, "dynamic": dynamic, "backend": backend}
+    if how == "full":
+        net.compile(**options)
+        return
+    blocks = [m for m in net.modules() if isinstance(m, SwinBlock)]
+    # Blocks share one forward, so dynamo keeps one entry per distinct block shape (stage
+    # resolution, window, shift) and mode (train / eval): allow that many, or the blocks
+    # past dynamo's default limit of 8 would silently run eagerly.
+    kinds = {
+        (b.input_resolution, b.window_size, b.shift_size, b.norm1.normalized_shape) for b in blocks
+    }
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 2 * len(kinds))
+    for block in blocks:
+        block.compile(**options)
+
+
 def _unset_arguments(factory: Callable, names: tuple[str, ...]) -> list[str]:
     """Which of ``names`` the factory takes and its config left unset (-1 or None).
 
@@ -108,7 +148,17 @@ class SwinClassifier(L.LightningModule):
             Fine-tuning adaptations apply: position tables are resized bicubically to the
             window size and patch grid, and a head of another class count is replaced;
             ``pretrained_report`` lists them.
-        compile: Compile the network with ``torch.compile``.
+        compile: ``torch.compile`` the network: 'none', 'full' (the whole network as one
+            graph) or 'regional' (each Swin block on its own: blocks of one shape share the
+            compiled code, so the warm-up is shorter). Compiled in place, so checkpoints and
+            weights files have the same keys with compile on or off.
+        compile_mode: ``torch.compile``'s mode ('default', 'reduce-overhead',
+            'max-autotune', 'max-autotune-no-cudagraphs').
+        compile_dynamic: ``torch.compile``'s ``dynamic``. None: torch's default (dynamic
+            shapes after a shape changes) for 'full', static shapes for 'regional' (each
+            block shape is compiled once).
+        compile_backend: ``torch.compile``'s backend ('inductor'; 'eager' or 'aot_eager'
+            to debug).
     """
 
     def __init__(
@@ -125,7 +175,12 @@ class SwinClassifier(L.LightningModule):
         lr_scale_batch_size: int | None = None,
         layer_decay: float | None = None,
         pretrained: str | None = None,
-        compile: bool = False,
+        compile: Literal["none", "full", "regional"] = "none",
+        compile_mode: Literal[
+            "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+        ] = "default",
+        compile_dynamic: bool | None = None,
+        compile_backend: str = "inductor",
     ):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -172,7 +227,7 @@ class SwinClassifier(L.LightningModule):
                 prefix=f"{stage}/",
             )
             setattr(self, f"{stage}_metrics", metrics)
-        self.forward_net = torch.compile(net) if compile else net
+        compile_network(net, compile, compile_mode, compile_dynamic, compile_backend)
         # Lets Lightning's model summary report output shapes and FLOPs.
         self.example_input_array = torch.zeros(1, net.patch_embed.proj.in_channels, *net.img_size)
 
@@ -208,7 +263,7 @@ class SwinClassifier(L.LightningModule):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_net(x)
+        return self.net(x)
 
     def setup(self, stage: str) -> None:
         # Read by ThroughputMonitor to log FLOP/s; a backward costs about twice the forward.

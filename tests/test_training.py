@@ -186,7 +186,10 @@ def test_tensorboard_logs_and_versioned_runs(in_tmp):
     assert wanted <= tags, wanted - tags
     assert (log_dir / "version_0" / "config.yaml").is_file()
     ckpts = {p.name for p in (log_dir / "version_0" / "checkpoints").iterdir()}
-    assert "last.ckpt" in ckpts and any(n.startswith("epoch001-acc1_") for n in ckpts)
+    # The best checkpoint is named after the epoch with the best val top-1 (the first of ties).
+    accs = [e.value for e in events(log_dir / "version_0").Scalars("val/acc1")]
+    best = accs.index(max(accs))
+    assert "last.ckpt" in ckpts and f"epoch{best:03d}-acc1_{max(accs):.4f}.ckpt" in ckpts, ckpts
 
 
 def test_resume_from_last_checkpoint(in_tmp):

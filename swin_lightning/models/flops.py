@@ -7,10 +7,17 @@ Convention: ``torch.utils.flop_counter`` counts a multiply-add as 2 FLOPs. The S
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+
+
+def _eager():
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance else contextlib.nullcontext()
 
 
 def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> int:
@@ -22,7 +29,9 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> int:
         x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
         # The fused CPU attention kernel has no FLOP formula registered, so it would be
         # silently skipped; the math backend decomposes attention into counted matmuls.
+        # A compiled network (model.compile) is counted in eager mode: the same operations.
         with (
+            _eager(),
             FlopCounterMode(display=False) as counter,
             torch.no_grad(),
             sdpa_kernel(SDPBackend.MATH),

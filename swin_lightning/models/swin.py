@@ -28,7 +28,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -108,6 +107,31 @@ class PatchMerging(nn.Module):
         # (h, w) neighbours ordered (0,0), (1,0), (0,1), (1,1): the official x0..x3 order.
         x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
         return self.reduction(self.norm(x)) if self.norm_first else self.norm(self.reduction(x))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample, as timm's ``DropPath``: in training, each sample's branch
+    is zeroed with probability ``drop_prob`` and the kept ones are scaled by ``1/keep``.
+
+    The rate is a (non-saved) tensor, not a Python float, so blocks of different rates run
+    the same compiled code (``torch.compile`` specialises on float attributes). A rate of 0
+    draws nothing, so runs without stochastic depth keep their random stream.
+    """
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.active = drop_prob > 0
+        self.register_buffer("keep_prob", torch.tensor(1.0 - drop_prob), persistent=False)
+
+    @property
+    def drop_prob(self) -> float:
+        return 1.0 - float(self.keep_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.active and self.training):
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(self.keep_prob)
+        return x * keep.div_(self.keep_prob)
 
 
 class Mlp(nn.Module):
@@ -341,7 +365,7 @@ class SwinBlock(nn.Module):
             dim, num_heads, self.window_size, qkv_bias, attn_drop, proj_drop, position_bias,
             attention, (pretrained_window_size, pretrained_window_size),
         )  # fmt: skip
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
         if self.post_norm:
