@@ -149,7 +149,7 @@ class Variant:
     compile: bool = False
 
 
-CPU_VARIANTS = (Variant("fp32"),)
+CPU_VARIANTS = (Variant("fp32"), Variant("bf16", torch.bfloat16))
 GPU_VARIANTS = (
     Variant("fp32"),
     Variant("bf16", torch.bfloat16),
@@ -206,6 +206,70 @@ def bench_models(
                     }
                 )
             del models, fns
+    return rows
+
+
+# ---------------------------------------------------------------- 6. compile
+COMPILED = {
+    "swin_lightning, full": ("swin_lightning", "full"),
+    "swin_lightning, regional": ("swin_lightning", "regional"),
+    "timm, full": ("timm", "full"),
+}
+
+
+def bench_compile(
+    device: str, shape_name: str, batch: int, rounds: int, dtype: torch.dtype | None = None
+) -> list[dict]:
+    """``torch.compile`` (inductor) against eager, ours and timm's, one train step each.
+
+    Warm-up is the first step's wall time with inductor's and AOT autograd's caches off
+    (a cold start); throughput is measured interleaved afterwards, with the eager models.
+    """
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    from swin_lightning.module import compile_network
+
+    shape, size = SHAPES[shape_name]
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    saved = inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache
+    inductor_config.fx_graph_cache = functorch_config.enable_autograd_cache = False
+    torch._dynamo.reset()
+    try:
+        steps, warmup = {}, {}
+        for label, (impl, how) in COMPILED.items():
+            model = build_model(impl, shape).to(device)
+            compile_network(model, how) if impl == "swin_lightning" else model.compile()
+            step = _step_fns(model, x, y, dtype)[1]
+            _sync()
+            start = time.perf_counter()
+            step()
+            _sync()
+            warmup[label] = time.perf_counter() - start
+            steps[label] = step
+        for impl in ("swin_lightning", "timm"):
+            steps[f"{impl}, eager"] = _step_fns(build_model(impl, shape).to(device), x, y, dtype)[1]
+        times = interleaved(steps, rounds)
+    finally:
+        inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache = saved
+        torch._dynamo.reset()
+    rows = []
+    for label, sec in times.items():
+        impl = label.split(",")[0]
+        rows.append(
+            {
+                "shape": shape_name,
+                "batch": batch,
+                "precision": "fp32" if dtype is None else "bf16 autocast",
+                "model": label,
+                "train_img_s": batch / sec,
+                "vs_timm_compiled": times["timm, full"] / sec,
+                "vs_own_eager": times[f"{impl}, eager"] / sec,
+                "warmup_s": warmup.get(label),
+            }
+        )
     return rows
 
 
@@ -623,6 +687,20 @@ def run(args: argparse.Namespace) -> str:
         md.append(
             f"| {r['shape']} | {r['mode']} | {r['kernel']} | {r['ms']:.2f} | {sdpa / r['ms']:.2f}x |"
         )
+    compiled = bench_compile(device, "cifar_32", 8 if quick else 32, rounds=3 if quick else 7)
+    md += [
+        "",
+        "## 6. torch.compile (inductor; train step, cifar_32; warm-up = first step, cold cache)",
+        "",
+        "| model | batch | images/s | vs timm compiled | vs its eager | warm-up s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in compiled:
+        warm = "" if r["warmup_s"] is None else f"{r['warmup_s']:.1f}"
+        md.append(
+            f"| {r['model']} | {r['batch']} | {r['train_img_s']:.1f} | "
+            f"{r['vs_timm_compiled']:.2f}x | {r['vs_own_eager']:.2f}x | {warm} |"
+        )
     md += ["", f"Total benchmark time: {time.perf_counter() - started:.0f} s.", ""]
     text = "\n".join(md)
     write_text(args.out, text)
@@ -635,6 +713,7 @@ def run(args: argparse.Namespace) -> str:
                 "scaling": scaling,
                 "pipeline": pipeline,
                 "attention": attention,
+                "compile": compiled,
             },
             indent=1,
         ),
