@@ -52,6 +52,7 @@ def test_bench_quick_writes_report(tmp_path):
         "## 2. Framework overhead",
         "## 3. Scaling",
         "## 4. Input pipeline",
+        "## 6. torch.compile (eager;",
     ):
         assert heading in text
     results = json.loads((out.parent / "bench_results.json").read_text())
@@ -65,6 +66,12 @@ def test_bench_quick_writes_report(tmp_path):
         ("swinv2_t_256", "torchvision"),
     } <= impls
     assert all(r["train_img_s"] > 0 and r["fwd_img_s"] > 0 for r in results["models"])
+    assert {r["variant"] for r in results["models"]} == {"fp32", "bf16"}  # bf16 rows on CPU
+    compiled = {r["model"]: r for r in results["compile"]}
+    assert set(compiled) == {"swin_lightning, full", "swin_lightning, regional", "timm, full",
+                             "swin_lightning, eager", "timm, eager"}  # fmt: skip
+    assert compiled["timm, full"]["vs_timm_compiled"] == 1.0
+    assert all(compiled[k]["warmup_s"] > 0 for k in ("swin_lightning, full", "timm, full"))
     assert set(results["overhead_s_per_step"]) == {
         "plain PyTorch loop",
         "Trainer.fit, same work",

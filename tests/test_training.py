@@ -232,3 +232,12 @@ def test_demo_learns(in_tmp):
     cli = run_cli("fit", "--config", str(CONFIGS / "demo.yaml"))
     acc = float(cli.trainer.callback_metrics["val/acc1"])
     assert acc > 0.5, f"demo val top-1 {acc:.3f}; chance is 0.1"
+
+
+def test_bf16_overlay_trains_on_the_cpu(in_tmp):
+    # configs/trainer/bf16.yaml on a CPU, with V2's cosine attention and position bias too.
+    cli = run_cli("fit", *TINY_DEMO, "--config", str(CONFIGS / "trainer" / "bf16.yaml"),
+                  "--trainer.max_epochs=1", "--model.net.attention=cosine",
+                  "--model.net.pos_embed=cpb")  # fmt: skip
+    assert cli.trainer.precision == "bf16-mixed" and cli.trainer.state.finished
+    assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
