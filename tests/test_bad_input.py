@@ -70,7 +70,7 @@ def nothing_trained(folder: Path) -> bool:
                                         "not divisible by num_heads[0]=3"]),
         (["--model.net.num_heads=[3,5]"], ["stage 1 has 96 channels", "num_heads[1]=5"]),
         # 5. unknown position encoding: rejected by the parser, with the valid values
-        (["--model.net.pos_embed=sinusoidal"], ["pos_embed", "'rel', 'abs', 'abs+rel', 'none'",
+        (["--model.net.pos_embed=sinusoidal"], ["pos_embed", "'rel', 'cpb', 'abs', 'abs+rel', 'abs+cpb', 'none'",
                                                 "sinusoidal"]),
         # 6. rates outside [0, 1)
         (["--model.net.drop_rate=1.5"], ["drop_rate=1.5 must be in [0, 1)"]),
