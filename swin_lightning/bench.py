@@ -140,7 +140,8 @@ def _step_fns(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.d
 class Variant:
     """A precision / memory-layout / compilation setting of the model benchmark.
 
-    ``compile`` compiles the project's model only: the baseline stays timm in eager mode.
+    ``compile`` compiles the project's model and timm's (``full``, inductor), so the ratio is
+    compiled against compiled; torchvision is left out of those rows.
     """
 
     name: str
@@ -154,8 +155,50 @@ GPU_VARIANTS = (
     Variant("fp32"),
     Variant("bf16", torch.bfloat16),
     Variant("bf16+channels_last", torch.bfloat16, channels_last=True),
-    Variant("bf16+channels_last+compile", torch.bfloat16, channels_last=True, compile=True),
+    Variant("bf16+compile", torch.bfloat16, compile=True),
 )
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; the
+# longest name contained in torch.cuda.get_device_name() wins. --peak_tflops overrides.
+GPU_PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100": 989.4,  # SXM
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "A100": 312.0,
+    "L40S": 362.1,
+    "L4": 121.0,
+}
+
+
+def peak_tflops(device: str, override: float | None = None) -> float | None:
+    """The dense bf16 peak of this device in TFLOP/s (None: unknown, no MFU column)."""
+    if override:
+        return override
+    if device != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    known = [k for k in GPU_PEAK_BF16_TFLOPS if k in name]
+    return GPU_PEAK_BF16_TFLOPS[max(known, key=len)] if known else None
+
+
+def train_flops_per_image(shape: str, size: int) -> int:
+    """Model FLOPs of one training image: forward + backward, counted as 3x the forward."""
+    from swin_lightning.models import count_flops
+
+    return 3 * count_flops(build_model("swin_lightning", shape), (3, size, size))
+
+
+def _peak_cuda_mb(step: Callable[[], None]) -> float | None:
+    """Peak CUDA memory of one call above what was allocated before it (None on CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def bench_models(
@@ -164,13 +207,21 @@ def bench_models(
     batches: dict[str, int],
     variants: Sequence[Variant] | None = None,
     shapes: Sequence[str] | None = None,
+    peak: float | None = None,
+    compile_backend: str = "inductor",
 ) -> list[dict]:
-    """Images/s, forward and forward+backward, per implementation, shape and variant."""
+    """Images/s, forward and forward+backward, per implementation, shape and variant.
+
+    With ``peak`` (dense TFLOP/s of the device), each row has its model FLOP utilisation:
+    model FLOPs per training image x training images/s / peak. On CUDA each row also has the
+    peak memory of one training step.
+    """
     if variants is None:
         variants = GPU_VARIANTS if device == "cuda" else CPU_VARIANTS
     rows = []
     for shape_name in shapes or SHAPES:
         shape, size = SHAPES[shape_name]
+        flops = train_flops_per_image(shape, size) if peak else None
         batch = batches[shape_name]
         torch.manual_seed(0)
         x = torch.randn(batch, 3, size, size, device=device)
@@ -182,17 +233,16 @@ def bench_models(
             }
             inputs = {impl: x.contiguous(memory_format=fmt) for impl in IMPLS}
             if variant.compile:
-                models = {
-                    "swin_lightning": torch.compile(models["swin_lightning"]),
-                    "timm": models["timm"],
-                }
-                inputs["timm"] = x
-                models["timm"].to(memory_format=torch.contiguous_format)
+                del models["torchvision"]
+                for model in models.values():
+                    model.compile(backend=compile_backend)
             fns = {impl: _step_fns(m, inputs[impl], y, variant.dtype) for impl, m in models.items()}
+            memory = {impl: _peak_cuda_mb(f[1]) for impl, f in fns.items()}
             fwd = interleaved({k: f[0] for k, f in fns.items()}, rounds)
             train = interleaved({k: f[1] for k, f in fns.items()}, rounds)
             for impl in models:
-                label = "timm (eager)" if variant.compile and impl == "timm" else impl
+                label = f"{impl} (compiled)" if variant.compile else impl
+                train_img_s = batch / train[impl]
                 rows.append(
                     {
                         "shape": shape_name,
@@ -200,9 +250,11 @@ def bench_models(
                         "variant": variant.name,
                         "impl": label,
                         "fwd_img_s": batch / fwd[impl],
-                        "train_img_s": batch / train[impl],
+                        "train_img_s": train_img_s,
                         "train_vs_timm": train["timm"] / train[impl],
                         "fwd_vs_timm": fwd["timm"] / fwd[impl],
+                        "peak_mb": memory[impl],
+                        "mfu": flops * train_img_s / (peak * 1e12) if peak else None,
                     }
                 )
             del models, fns
@@ -592,6 +644,14 @@ def machine() -> str:
     )
 
 
+MODEL_COLUMNS = ("shape", "batch", "precision", "implementation", "forward", "fwd+bwd",
+                 "fwd vs timm", "fwd+bwd vs timm", "peak MB fwd+bwd")  # fmt: skip
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def run(args: argparse.Namespace) -> str:
     quick = args.quick
     device = args.device
@@ -609,21 +669,32 @@ def run(args: argparse.Namespace) -> str:
         "cifar_32": 16 if quick else 32,
         "swinv2_t_256": 2 if quick else 4,
     }
-    rows = bench_models(device, rounds=3 if quick else 7, batches=batches)
+    peak = peak_tflops(device, args.peak_tflops)
+    rows = bench_models(device, rounds=3 if quick else 7, batches=batches, peak=peak)
+    mfu_head = ["MFU"] if peak else []
     md += [
         "## 1. Model throughput (images/s; ratio = project / timm)",
         "",
-        "| shape | batch | precision | implementation | forward | fwd+bwd | fwd vs timm | fwd+bwd vs timm | peak MB fwd+bwd |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *(
+            [f"MFU: model FLOPs per training image (3x forward) x images/s / {peak:g} TFLOP/s."]
+            if peak
+            else []
+        ),
+        "",
+        _md_row([*MODEL_COLUMNS, *mfu_head]),
+        "|" + "---|" * (len(MODEL_COLUMNS) + len(mfu_head)),
     ]
     for r in rows:
         mem = "n/a"
-        if r["variant"] == "fp32" and not quick:
+        if r["peak_mb"] is not None:
+            mem = f"{r['peak_mb']:.0f}"
+        elif r["variant"] == "fp32" and not quick:
             mem = f"{peak_memory_mb(r['impl'], r['shape'], r['batch'], device, True):.0f}"
-        md.append(
-            f"| {r['shape']} | {r['batch']} | {r['variant']} | {r['impl']} | {r['fwd_img_s']:.1f} "
-            f"| {r['train_img_s']:.1f} | {r['fwd_vs_timm']:.2f}x | {r['train_vs_timm']:.2f}x | {mem} |"
-        )
+        mfu = [f"{100 * r['mfu']:.1f}%"] if peak else []
+        cells = [r["shape"], str(r["batch"]), r["variant"], r["impl"], f"{r['fwd_img_s']:.1f}",
+                 f"{r['train_img_s']:.1f}", f"{r['fwd_vs_timm']:.2f}x",
+                 f"{r['train_vs_timm']:.2f}x", mem, *mfu]  # fmt: skip
+        md.append(_md_row(cells))
     md.append("")
 
     steps = 10 if quick else 30
@@ -740,6 +811,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/benchmarks.md", help="markdown report path")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and sizes (for tests)")
+    parser.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="dense bf16 peak of the device in TFLOP/s for the MFU column (default: from a "
+        "table of known GPUs: " + ", ".join(GPU_PEAK_BF16_TFLOPS) + ")",
+    )
     args = parser.parse_args(argv)
     args.command = "python -m swin_lightning bench " + " ".join(
         argv if argv is not None else sys.argv[2:]

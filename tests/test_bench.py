@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from swin_lightning.bench import (
+    GPU_VARIANTS,
     Variant,
     bench_models,
     fit_exponent,
     interleaved,
     main,
     peak_memory_mb,
+    peak_tflops,
+    train_flops_per_image,
 )
 
 
@@ -45,8 +48,9 @@ def test_fit_exponent():
 @pytest.mark.slow
 def test_bench_quick_writes_report(tmp_path):
     out = tmp_path / "docs" / "benchmarks.md"
-    assert main(["--quick", "--out", str(out)]) == 0
+    assert main(["--quick", "--out", str(out), "--peak_tflops", "1"]) == 0
     text = out.read_text()
+    assert "| peak MB fwd+bwd | MFU |" in text and "/ 1 TFLOP/s" in text
     for heading in (
         "## 1. Model throughput",
         "## 2. Framework overhead",
@@ -66,6 +70,7 @@ def test_bench_quick_writes_report(tmp_path):
         ("swinv2_t_256", "torchvision"),
     } <= impls
     assert all(r["train_img_s"] > 0 and r["fwd_img_s"] > 0 for r in results["models"])
+    assert all(r["mfu"] > 0 for r in results["models"])
     assert {r["variant"] for r in results["models"]} == {"fp32", "bf16"}  # bf16 rows on CPU
     compiled = {r["model"]: r for r in results["compile"]}
     assert set(compiled) == {"swin_lightning, full", "swin_lightning, regional", "timm, full",
@@ -97,3 +102,25 @@ def test_gpu_variants_run_on_the_cpu_too():
     assert {r["impl"] for r in rows} == {"swin_lightning", "timm", "torchvision"}
     assert all(r["variant"] == variant.name and r["train_img_s"] > 0 for r in rows)
     assert next(r for r in rows if r["impl"] == "timm")["train_vs_timm"] == 1.0
+
+
+def test_gpu_rows_compiled_against_compiled_with_mfu():
+    # The GPU report's compiled bf16 rows (dynamo's eager backend here) and the MFU column:
+    # both models compiled, the ratio against compiled timm, MFU from model FLOPs and a peak.
+    variant = next(v for v in GPU_VARIANTS if v.compile)
+    rows = bench_models("cpu", 1, {"cifar_32": 2}, variants=[variant], shapes=["cifar_32"],
+                        peak=1.0, compile_backend="eager")  # fmt: skip
+    assert {r["impl"] for r in rows} == {"swin_lightning (compiled)", "timm (compiled)"}
+    flops = train_flops_per_image("cifar", 32)
+    for r in rows:
+        assert r["mfu"] == pytest.approx(flops * r["train_img_s"] / 1e12)
+    assert next(r for r in rows if r["impl"] == "timm (compiled)")["train_vs_timm"] == 1.0
+
+
+def test_peak_tflops_from_the_table_or_the_flag(monkeypatch):
+    assert peak_tflops("cpu") is None and peak_tflops("cpu", 50.0) == 50.0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, peak in [("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.4),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("Some Other GPU", None)]:  # fmt: skip
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda n=name: n)
+        assert peak_tflops("cuda") == peak, name
