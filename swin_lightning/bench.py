@@ -286,7 +286,7 @@ def bench_compile(
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    from swin_lightning.module import compile_network
+    from swin_lightning.models import compile_network
 
     shape, size = SHAPES[shape_name]
     torch.manual_seed(0)

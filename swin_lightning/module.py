@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from swin_lightning.models import SwinTransformer, count_flops, load_pretrained
+from swin_lightning.models import SwinTransformer, compile_network, count_flops, load_pretrained
 from swin_lightning.models.pretrained import LoadReport, shape_mismatches
 
 STAGES = ("train", "val", "test")
@@ -63,46 +63,6 @@ def layer_decay_groups(
         if group["weight_decay"] > 0:  # decayed: leave the rate to the optimizer's setting
             del group["weight_decay"]
     return groups
-
-
-COMPILE_CHOICES = ("none", "full", "regional")
-
-
-def compile_network(
-    net: nn.Module,
-    how: str = "full",
-    mode: str = "default",
-    dynamic: bool | None = None,
-    backend: str = "inductor",
-) -> None:
-    """``torch.compile`` a Swin in place: 'full' (one graph), 'regional' (every Swin block
-    alone) or 'none'. In place (``nn.Module.compile``), so no ``_orig_mod.`` prefix reaches
-    the state dict."""
-    from swin_lightning.models.swin import SwinBlock
-
-    if how not in COMPILE_CHOICES:
-        raise ValueError(f"model.compile={how!r} is not one of {', '.join(COMPILE_CHOICES)}")
-    if how == "none":
-        return
-    if dynamic is None and how == "regional":
-        # Each block shape is its own graph anyway; torch's automatic dynamic shapes would
-        # retrace the second shape symbolically (10x slower to compile, and slower code).
-        dynamic = False
-    options = {"mode": None if mode == "default" else mode, "dynamic": dynamic, "backend": backend}
-    if how == "full":
-        net.compile(**options)
-        return
-    blocks = [m for m in net.modules() if isinstance(m, SwinBlock)]
-    # Blocks share one forward, so dynamo keeps one entry per distinct block shape (stage
-    # resolution, window, shift) and mode (train / eval): allow that many, or the blocks
-    # past dynamo's default limit of 8 would silently run eagerly.
-    kinds = {
-        (b.input_resolution, b.window_size, b.shift_size, b.norm1.normalized_shape) for b in blocks
-    }
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, 2 * len(kinds))
-    for block in blocks:
-        block.compile(**options)
 
 
 def _unset_arguments(factory: Callable, names: tuple[str, ...]) -> list[str]:

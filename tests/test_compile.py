@@ -6,9 +6,8 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from swin_lightning.models import SwinTransformer
+from swin_lightning.models import SwinTransformer, compile_network
 from swin_lightning.models.swin import SwinBlock
-from swin_lightning.module import compile_network
 from tests.conftest import TINY_DEMO, run_cli
 
 # Two stages with shifted windows (16x16, 8x8; window 4), drop path on.

@@ -154,7 +154,7 @@ def _from_torchvision(state: dict, model: nn.Module) -> dict:
             k = {"0": "patch_embed.proj.", "2": "patch_embed.norm."}[m[1]] + m[2]
         elif m := re.match(r"features\.(\d+)\.(\d+)\.(.*)", k):  # odd n: blocks of a stage
             rest = re.sub(r"^mlp\.0\.", "mlp.fc1.", re.sub(r"^mlp\.3\.", "mlp.fc2.", m[3]))
-            if rest == "attn.qkv.bias" and f"{m[0][: -len(m[3])]}attn.logit_scale" in state:
+            if rest == "attn.qkv.bias" and k.replace("qkv.bias", "logit_scale") in state:
                 # Swin V2 (cosine attention): torchvision keeps a full qkv bias and zeroes its
                 # key third at every forward; the model holds only query and value biases.
                 rest, (q_bias, _, v) = "attn.v_bias", v.chunk(3)

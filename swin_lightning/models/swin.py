@@ -182,13 +182,13 @@ class WindowAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.window_size = window_size
         self.attn_drop = attn_drop
-        self.position_bias = position_bias
         cosine = attention == "cosine"
         # Cosine attention normalises k, so a key bias would change the result: V2 has none,
         # and keeps separate q and v biases (timm's and the official parameter names).
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias and not cosine)
         if cosine and qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
             self.v_bias = nn.Parameter(torch.zeros(dim))
         else:
             self.q_bias = self.v_bias = None
@@ -219,12 +219,12 @@ class WindowAttention(nn.Module):
 
     def relative_position_bias(self) -> torch.Tensor | None:
         """The bias for every query/key pair of a window: ``(heads, N, N)``, or None."""
-        if self.position_bias == "none":
-            return None
         if self.cpb_mlp is not None:
             table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-        else:
+        elif self.relative_position_bias_table is not None:
             table = self.relative_position_bias_table
+        else:
+            return None
         N = self.window_size[0] * self.window_size[1]
         bias = table[self.relative_position_index.view(-1)].view(N, N, self.num_heads)
         bias = bias.permute(2, 0, 1)
@@ -239,7 +239,7 @@ class WindowAttention(nn.Module):
         if self.q_bias is None:
             qkv = self.qkv(x)
         else:
-            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+            bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
             qkv = F.linear(x, self.qkv.weight, bias)
         q, k, v = qkv.view(B, nW, N, 3, h, d).unbind(3)
         if self.logit_scale is None:
