@@ -37,3 +37,20 @@ def test_explicit_kernel_without_bias_is_plain_attention():
     torch.testing.assert_close(
         attend_explicit(q, k, v, None), F.scaled_dot_product_attention(q, k, v)
     )
+
+
+def test_explicit_kernel_under_bf16_autocast_matches_fp32():
+    # The model hands the bias + mask over in fp32: added to bf16 logits, the softmax and the
+    # bias's gradient run in fp32 (as timm's do), so both stay within bf16 rounding of fp32.
+    q, k, v, additive = _inputs(True)
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=additive)
+    reference.square().sum().backward()
+    want_grad = additive.grad.clone()
+    additive.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        qb, kb, vb = (t.detach().to(torch.bfloat16) for t in (q, k, v))
+        out = attend_explicit(qb, kb, vb, additive)
+    out.float().square().sum().backward()
+    assert additive.grad.dtype == torch.float32
+    torch.testing.assert_close(out.float(), reference, rtol=0.03, atol=0.03)
+    torch.testing.assert_close(additive.grad, want_grad, rtol=0.05, atol=0.05)

@@ -19,6 +19,7 @@ from swin_lightning.bench import (
     peak_tflops,
     train_flops_per_image,
 )
+from swin_lightning.bench.breakdown import BUCKET_NAMES, bench_breakdown, bucket_of
 
 
 def test_interleaved_reports_medians_per_case():
@@ -57,6 +58,7 @@ def test_bench_quick_writes_report(tmp_path):
         "## 3. Scaling",
         "## 4. Input pipeline",
         "## 6. torch.compile (eager;",
+        "## 7. Where a train step's time goes",
     ):
         assert heading in text
     results = json.loads((out.parent / "bench_results.json").read_text())
@@ -86,6 +88,34 @@ def test_bench_quick_writes_report(tmp_path):
     wmsa = {r["size"]: r["gmacs"] for r in results["scaling"] if r["net"].startswith("W-MSA")}
     assert wmsa[112] / wmsa[56] < 4.6 < msa[112] / msa[56]  # linear against quadratic
     assert (out.parent / "bench_scaling.png").read_bytes()[:4] == b"\x89PNG"
+    assert {(r["shape"], r["impl"]) for r in results["breakdown"]} == {
+        ("cifar_32", "swin_lightning"),
+        ("cifar_32", "timm"),
+    }
+    assert "ceiling" in text
+
+
+def test_operators_fall_in_their_buckets():
+    for op, bucket in [("aten::addmm", "matmul"), ("aten::mm", "matmul"), ("aten::bmm", "matmul"),
+                       ("aten::convolution_backward", "matmul"), ("aten::gelu_backward", "gelu"),
+                       ("aten::native_layer_norm_backward", "layernorm"),
+                       ("aten::_softmax_backward_data", "softmax"), ("aten::copy_", "data movement"),
+                       ("aten::roll", "data movement"), ("aten::index_select", "data movement"),
+                       ("aten::mul", "other"), ("aten::sum", "other")]:  # fmt: skip
+        assert bucket_of(op) == bucket, op
+
+
+def test_breakdown_buckets_add_up_and_matmuls_dominate():
+    rows = bench_breakdown({"cifar_32": 4}, {"fp32": None}, steps=1)
+    assert [r["impl"] for r in rows] == ["swin_lightning", "timm"]
+    for r in rows:
+        ms = r["ms"]
+        assert sum(ms[b] for b in BUCKET_NAMES) == pytest.approx(ms["total"])
+        assert all(ms[b] >= 0 for b in BUCKET_NAMES) and ms["matmul"] > 0
+        # The linear layers are most of a Swin step; a bucketing bug would lose them.
+        assert r["matmul_share"] > 0.3
+    timm = rows[1]
+    assert rows[0]["ceiling_vs_timm"] == pytest.approx(timm["ms"]["total"] / timm["ms"]["matmul"])
 
 
 def test_peak_memory_grows_with_the_batch():

@@ -269,14 +269,14 @@ class WindowAttention(nn.Module):
         if mask is None:
             # Same bias for every window: fold windows into the batch, broadcast over it.
             q, k, v = (t.reshape(B * nW, N, h, d).transpose(1, 2) for t in (q, k, v))
-            additive = None if bias is None else bias.unsqueeze(0).to(q.dtype)
+            additive = None if bias is None else bias.unsqueeze(0)
             out = attend(q, k, v, additive, dropout_p, scale)
             out = out.transpose(1, 2).reshape(B, nW, N, C)
         else:
             # Per-window mask: fold windows into the head axis, so one (1, nW*h, N, N)
             # tensor broadcasts over the batch instead of being copied for every image.
             additive = mask.unsqueeze(1) if bias is None else mask.unsqueeze(1) + bias
-            additive = additive.expand(nW, h, N, N).reshape(1, nW * h, N, N).to(q.dtype)
+            additive = additive.expand(nW, h, N, N).reshape(1, nW * h, N, N)
             q, k, v = (t.transpose(2, 3).reshape(B, nW * h, N, d) for t in (q, k, v))
             out = attend(q, k, v, additive, dropout_p, scale)
             out = out.view(B, nW, h, N, d).transpose(2, 3).reshape(B, nW, N, C)
@@ -301,6 +301,8 @@ def attend(
     """
     if additive is not None and additive.requires_grad and q.device.type == "cpu":
         return attend_explicit(q, k, v, additive, dropout_p, scale)
+    if additive is not None:
+        additive = additive.to(q.dtype)  # SDPA wants the mask in the query's dtype
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=additive, dropout_p=dropout_p, scale=scale
     )
@@ -320,8 +322,11 @@ def attend_explicit(
         # Scaled in place: the matmul's backward does not need the logits it overwrites.
         logits = logits.mul_(q.shape[-1] ** -0.5 if scale is None else scale)
     if additive is not None:
-        logits = logits.add_(additive)
-    return torch.matmul(F.dropout(logits.softmax(dim=-1), dropout_p), v)
+        # Under autocast the logits are bf16/fp16 and the additive stays fp32: the sum is
+        # fp32, so the softmax runs (faster and more exactly) in fp32, as timm's does.
+        logits = logits.add_(additive) if logits.dtype == additive.dtype else logits + additive
+    probs = F.dropout(logits.softmax(dim=-1), dropout_p) if dropout_p else logits.softmax(dim=-1)
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 class SwinBlock(nn.Module):

@@ -1,0 +1,81 @@
+"""Table 6: ``torch.compile`` (full and regional) against timm compiled, with warm-up."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from swin_lightning.bench.harness import interleaved, sync_device
+from swin_lightning.bench.models import SHAPES, build_model, step_fns
+
+COMPILED = {
+    "swin_lightning, full": ("swin_lightning", "full"),
+    "swin_lightning, regional": ("swin_lightning", "regional"),
+    "timm, full": ("timm", "full"),
+}
+
+
+def bench_compile(
+    device: str,
+    shape_name: str,
+    batch: int,
+    rounds: int,
+    dtype: torch.dtype | None = None,
+    backend: str = "inductor",
+) -> list[dict]:
+    """``torch.compile`` against eager, ours and timm's, one train step each.
+
+    Warm-up is the first step's wall time with inductor's and AOT autograd's caches off
+    (a cold start); throughput is measured interleaved afterwards, with the eager models.
+    ``backend='eager'`` (``--quick``) only exercises the path: dynamo without code generation.
+    """
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    from swin_lightning.models import compile_network
+
+    shape, size = SHAPES[shape_name]
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    saved = inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache
+    inductor_config.fx_graph_cache = functorch_config.enable_autograd_cache = False
+    torch._dynamo.reset()
+    try:
+        steps, warmup = {}, {}
+        for label, (impl, how) in COMPILED.items():
+            model = build_model(impl, shape).to(device)
+            if impl == "swin_lightning":
+                compile_network(model, how, backend=backend)
+            else:
+                model.compile(backend=backend)
+            step = step_fns(model, x, y, dtype)[1]
+            sync_device()
+            start = time.perf_counter()
+            step()
+            sync_device()
+            warmup[label] = time.perf_counter() - start
+            steps[label] = step
+        for impl in ("swin_lightning", "timm"):
+            steps[f"{impl}, eager"] = step_fns(build_model(impl, shape).to(device), x, y, dtype)[1]
+        times = interleaved(steps, rounds)
+    finally:
+        inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache = saved
+        torch._dynamo.reset()
+    rows = []
+    for label, sec in times.items():
+        impl = label.split(",")[0]
+        rows.append(
+            {
+                "shape": shape_name,
+                "batch": batch,
+                "precision": "fp32" if dtype is None else "bf16 autocast",
+                "model": label,
+                "train_img_s": batch / sec,
+                "vs_timm_compiled": times["timm, full"] / sec,
+                "vs_own_eager": times[f"{impl}, eager"] / sec,
+                "warmup_s": warmup.get(label),
+            }
+        )
+    return rows
