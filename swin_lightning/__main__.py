@@ -1,4 +1,4 @@
-"""``python -m swin_lightning {fit,validate,test,predict,ablate,tune,bench}``."""
+"""``python -m swin_lightning {fit,validate,test,predict,ablate,tune,bench,pack}``."""
 
 import sys
 
@@ -12,6 +12,10 @@ def main() -> None:
         from swin_lightning.tune import main as tune
 
         sys.exit(tune(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "pack":
+        from swin_lightning.pack import main as pack
+
+        sys.exit(pack(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "bench":
         from swin_lightning.bench import main as bench
         from swin_lightning.storage import WriteError

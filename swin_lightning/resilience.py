@@ -297,9 +297,14 @@ class ResumeState(L.Callback):
         self._trainer = trainer
 
     @staticmethod
-    def _loader(trainer: L.Trainer | None) -> ResumableDataLoader | None:
+    def _loader(trainer: L.Trainer | None) -> Any | None:
+        """The training loader if it keeps its position: a :class:`ResumableDataLoader`, or a
+        streaming loader with ``state_dict``/``load_state_dict`` (litdata's)."""
         loader = trainer.train_dataloader if trainer is not None else None
-        return loader if isinstance(loader, ResumableDataLoader) else None
+        stateful = callable(getattr(loader, "state_dict", None)) and callable(
+            getattr(loader, "load_state_dict", None)
+        )
+        return loader if stateful else None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state, self._pending = self._pending, None

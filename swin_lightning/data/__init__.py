@@ -1,9 +1,11 @@
-"""Data modules: CIFAR-10/100, ImageFolder/ImageNet and an embedded procedural dataset."""
+"""Data modules: CIFAR-10/100, ImageFolder/ImageNet (loose files or packed and streamed) and
+an embedded procedural dataset."""
 
 from swin_lightning.data.base import ClassificationDataModule, ImageListDataset
 from swin_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from swin_lightning.data.embedded import EmbeddedShapesDataModule, WindowPairsDataModule
 from swin_lightning.data.imagefolder import ImageFolderDataModule
+from swin_lightning.data.packed import PackedDataModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -12,5 +14,6 @@ __all__ = [
     "EmbeddedShapesDataModule",
     "ImageFolderDataModule",
     "ImageListDataset",
+    "PackedDataModule",
     "WindowPairsDataModule",
 ]

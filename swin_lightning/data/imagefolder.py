@@ -13,6 +13,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torchvision.datasets import ImageFolder
 
 from swin_lightning.data.base import IMAGE_SUFFIXES, ClassificationDataModule
+from swin_lightning.data.tensor_transforms import (
+    DECODE_CHOICES,
+    decode_bytes,
+    randaugment_magnitude,
+    tensor_eval_transform,
+    tensor_train_transform,
+)
 
 
 def class_folders(split_dir: Path) -> list[str]:
@@ -35,6 +42,14 @@ def class_folders(split_dir: Path) -> list[str]:
 CORRUPT_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+def read_tensor(path: str):
+    """Decode an image file with torchvision to a ``uint8`` RGB tensor (``decode: tensor``)."""
+    try:
+        return decode_bytes(Path(path).read_bytes())
+    except RuntimeError as err:  # torchvision's error for data it cannot decode
+        raise OSError(str(err)) from err
+
+
 class CheckedImageFolder(ImageFolder):
     """ImageFolder whose unreadable images raise an error naming the file, or are skipped.
 
@@ -44,8 +59,14 @@ class CheckedImageFolder(ImageFolder):
     worker process and a bad file is decoded (and reported) once, not every epoch.
     """
 
-    def __init__(self, root: str, transform: Callable, skip_corrupt: bool = False):
-        super().__init__(root, transform=transform)
+    def __init__(
+        self,
+        root: str,
+        transform: Callable,
+        skip_corrupt: bool = False,
+        loader: Callable | None = None,
+    ):
+        super().__init__(root, transform=transform, **({"loader": loader} if loader else {}))
         self.skip_corrupt = skip_corrupt
         # Spawn-context shared memory works with forked and spawned workers alike.
         ctx = multiprocessing.get_context("spawn")
@@ -133,6 +154,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         skip_corrupt: Skip images that cannot be decoded (each replaced by the next readable
             one, with a warning naming it and the count so far) instead of stopping with an
             error naming the file.
+        decode: 'pil' (PIL decode, timm's transforms) or 'tensor' (torchvision decode to a
+            tensor, transforms v2 counterparts: faster per loader worker).
     """
 
     def __init__(
@@ -159,8 +182,14 @@ class ImageFolderDataModule(ClassificationDataModule):
         pin_memory: bool = False,
         predict_dir: str | None = None,
         skip_corrupt: bool = False,
+        decode: str = "pil",
     ):
         super().__init__(batch_size, num_workers, pin_memory, predict_dir)
+        if decode not in DECODE_CHOICES:
+            raise ValueError(f"data.decode={decode!r} is not one of {', '.join(DECODE_CHOICES)}")
+        if decode == "tensor" and auto_augment:
+            randaugment_magnitude(auto_augment)  # a policy transforms v2 cannot follow: now
+        self.decode = decode
         if image_size <= 0:
             raise ValueError(f"data.image_size={image_size} must be > 0")
         if not 0.0 < crop_pct <= 1.0:
@@ -183,10 +212,20 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.skip_corrupt = skip_corrupt
         # Read now: num_classes is linked into the model before anything is built.
-        self.classes = class_folders(self.root / train_dir)
+        self.classes = self.read_classes()
         self.num_classes = len(self.classes)
 
+    def read_classes(self) -> list[str]:
+        """The class names, in label order."""
+        return class_folders(self.root / self.split_dirs["train"])
+
     def train_transform(self) -> Callable:
+        if self.decode == "tensor":
+            aug = {k: v for k, v in self.aug.items() if k != "color_jitter"}
+            return tensor_train_transform(
+                self.image_size, interpolation=self.interpolation, mean=self.mean,
+                std=self.std, **aug,
+            )  # fmt: skip
         return create_transform(
             self.image_size,
             is_training=True,
@@ -206,6 +245,16 @@ class ImageFolderDataModule(ClassificationDataModule):
             crop_pct=self.crop_pct,
         )
 
+    def split_eval_transform(self) -> Callable:
+        """Evaluation transform of the val/test splits (``eval_transform`` stays PIL: it
+        also serves ``predict_dir`` images)."""
+        if self.decode == "tensor":
+            interpolation = self.interpolation if self.interpolation != "random" else "bicubic"
+            return tensor_eval_transform(
+                self.image_size, self.crop_pct, interpolation, self.mean, self.std
+            )
+        return self.eval_transform()
+
     def _split(self, split: str, transform: Callable) -> CheckedImageFolder:
         split_dir = self.root / self.split_dirs[split]
         classes = class_folders(split_dir)
@@ -216,13 +265,14 @@ class ImageFolderDataModule(ClassificationDataModule):
                 f"class folders of {split_dir} differ from {self.root / self.split_dirs['train']}:"
                 f" only in train: {only_train or 'none'}; only in {split}: {only_here or 'none'}"
             )
-        return CheckedImageFolder(str(split_dir), transform, self.skip_corrupt)
+        loader = read_tensor if self.decode == "tensor" else None
+        return CheckedImageFolder(str(split_dir), transform, self.skip_corrupt, loader)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit":
             self.train_set = self._split("train", self.train_transform())
         if stage in ("fit", "validate"):
-            self.val_set = self._split("val", self.eval_transform())
+            self.val_set = self._split("val", self.split_eval_transform())
         if stage == "test":
-            self.test_set = self._split("test", self.eval_transform())
+            self.test_set = self._split("test", self.split_eval_transform())

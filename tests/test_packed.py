@@ -1,0 +1,194 @@
+"""Packed data: pack a generated ImageFolder tree, stream it, resume exactly, decode on tensors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from swin_lightning.data import ImageFolderDataModule, PackedDataModule
+from swin_lightning.data.packed import BAD_LIST, META, iter_labels
+from swin_lightning.pack import main as pack_main
+from tests.conftest import CONFIGS, run_cli, write_imagefolder
+
+pytest.importorskip("litdata", reason="the packed extra (litdata) is in dev; CI installs it")
+
+CLASSES = ("cat", "dog", "ship")
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """A 3-class JPEG tree (8 train, 4 val images per class, one damaged file) and its pack."""
+    tmp = tmp_path_factory.mktemp("packed")
+    tree = write_imagefolder(tmp / "tree", classes=CLASSES, per_class=8, size=48, fmt="jpg")
+    for cls in CLASSES:  # 4 val images per class
+        for i in range(4, 8):
+            (tree / "val" / cls / f"{i}.jpg").unlink()
+    (tree / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    out = tmp / "packed"
+    assert pack_main(["--root", str(tree), "--out", str(out), "--num_workers", "2",
+                      "--chunk_bytes", "8KB"]) == 0  # fmt: skip
+    return tree, out
+
+
+def test_pack_counts_per_class_and_lists_bad_images(packed):
+    _, out = packed
+    meta = json.loads((out / META).read_text())
+    assert meta["classes"] == sorted(CLASSES)
+    assert meta["splits"]["train"]["per_class"] == {"cat": 8, "dog": 8, "ship": 8}
+    assert meta["splits"]["val"]["per_class"] == {"cat": 4, "dog": 4, "ship": 4}
+    assert meta["splits"]["train"]["bad_images"] == 1
+    assert (out / BAD_LIST).read_text().strip().endswith("train/dog/broken.jpg")
+    # Every readable file is packed exactly once, with its own label, in a shuffled order.
+    stored = list(iter_labels(out / "train"))
+    paths = [p for _, p in stored]
+    assert sorted(paths) == sorted(f"{c}/{i}.jpg" for c in CLASSES for i in range(8))
+    assert all(p.startswith(sorted(CLASSES)[label]) for label, p in stored)
+    assert paths != sorted(paths)
+    # Opening a split reads its index only: more chunks than one, no file per image.
+    assert len(list((out / "train").glob("chunk-*.bin"))) > 1
+    assert not list((out / "train").rglob("*.jpg"))
+
+
+def test_pack_again_is_a_no_op_and_another_tree_is_refused(packed, tmp_path, capsys):
+    tree, out = packed
+    before = (out / META).read_text()
+    assert pack_main(["--root", str(tree), "--out", str(out)]) == 0
+    assert (out / META).read_text() == before
+    other = write_imagefolder(tmp_path / "other", per_class=1, fmt="jpg")
+    assert pack_main(["--root", str(other), "--out", str(out)]) == 1
+    assert "error:" in capsys.readouterr().err and (out / META).read_text() == before
+
+
+def test_pack_without_splits_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert pack_main(["--root", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "train, val" in err
+
+
+def test_unfinished_pack_is_refused_by_the_data_module(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a finished pack"):
+        PackedDataModule(str(tmp_path), image_size=32)
+
+
+def _module(out, **kwargs):
+    # Whole image, no flip: the pixels identify each sample.
+    args = {"image_size": 32, "batch_size": 4, "num_workers": 0, "auto_augment": None,
+            "re_prob": 0.0, "shuffle_seed": 3, "scale": (1.0, 1.0), "ratio": (1.0, 1.0),
+            "hflip": 0.0}  # fmt: skip
+    return PackedDataModule(str(out), **{**args, **kwargs})
+
+
+def _paths_of(loader, count=None):
+    """Labels and a few pixels identify the images a loader yields."""
+    seen = []
+    for i, (x, y) in enumerate(loader):
+        seen += [
+            (int(label), tuple(img[:, 0, :4].flatten().tolist()))
+            for img, label in zip(x, y, strict=True)
+        ]
+        if count is not None and i + 1 == count:
+            break
+    return seen
+
+
+@pytest.mark.parametrize("decode", ["tensor", "pil"])
+def test_packed_module_yields_batches(packed, decode):
+    _, out = packed
+    dm = _module(out, decode=decode)
+    assert dm.num_classes == 3 and dm.classes == sorted(CLASSES)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (4,)
+    xv, _ = next(iter(dm.val_dataloader()))
+    assert xv.shape == (4, 3, 32, 32)
+
+
+@pytest.mark.parametrize("workers_after", [0, 2])
+def test_resume_mid_epoch_sees_each_sample_once(packed, workers_after):
+    # Kill after 2 of 6 batches: the loader's state (what goes into the checkpoint) restores
+    # the rest of the epoch, also with another number of workers: no repeats, no gaps.
+    _, out = packed
+    full = _module(out)
+    full.setup("fit")
+    epoch = _paths_of(full.train_dataloader())
+    assert len(epoch) == 24
+    first = _module(out, num_workers=1)
+    first.setup("fit")
+    loader = first.train_dataloader()
+    before = _paths_of(loader, count=2)
+    state = loader.state_dict()
+    torch.save(state, out.parent / "state.pt")
+    state = torch.load(out.parent / "state.pt", weights_only=True)  # checkpoints load so
+    second = _module(out, num_workers=workers_after)
+    second.setup("fit")
+    resumed = second.train_dataloader()
+    resumed.load_state_dict(state)
+    after = _paths_of(resumed)
+    assert len(before) == 8 and len(before) + len(after) == 24
+    assert sorted(before + after) == sorted(epoch)
+
+
+def test_remote_root_reads_through_the_cache(packed, tmp_path):
+    # 'local:' takes litdata's remote path (download into the cache) on a local folder.
+    _, out = packed
+    dm = _module(out, cache_dir=str(tmp_path / "cache"))
+    dm.uri = f"local:{out}"
+    dm.setup("fit")
+    assert len(_paths_of(dm.train_dataloader())) == 24
+    assert list((tmp_path / "cache").rglob("chunk-*.bin"))
+
+
+@pytest.mark.slow
+def test_fit_on_packed_data(packed, in_tmp):
+    _, out = packed
+    run_cli(
+        "fit", "--config", str(CONFIGS / "imagefolder.yaml"),
+        "--config", str(CONFIGS / "imagenet" / "packed.yaml"),
+        f"--data.init_args.root={out}", "--data.init_args.image_size=32",
+        "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
+        "--data.init_args.auto_augment=null", "--data.init_args.re_prob=0",
+        "--trainer.max_epochs=1", "--trainer.limit_val_batches=1",
+    )  # fmt: skip
+    ckpts = list(in_tmp.rglob("last.ckpt"))
+    assert ckpts, "the run saved no checkpoint"
+    checkpoint = torch.load(ckpts[0], weights_only=True, map_location="cpu")
+    assert checkpoint["global_step"] == 3  # 24 images, batch 8
+
+
+def test_tensor_and_pil_paths_draw_the_same_augmentations(tmp_path):
+    # One image with a bright left half: the mean brightness and its spread over many random
+    # crops and flips depend on the crop-scale, aspect and flip distributions.
+    pixels = np.zeros((64, 96, 3), dtype=np.uint8)
+    pixels[:, :48] = 255
+    path = tmp_path / "img.jpg"
+    Image.fromarray(pixels).save(path, quality=95)
+    stats = {}
+    for decode in ("pil", "tensor"):
+        tree = tmp_path / decode
+        for split in ("train", "val"):
+            (tree / split / "a").mkdir(parents=True)
+            (tree / split / "a" / "0.jpg").write_bytes(path.read_bytes())
+        dm = ImageFolderDataModule(str(tree), image_size=32, decode=decode, auto_augment=None,
+                                   color_jitter=None, re_prob=0.0, mean=(0, 0, 0),
+                                   std=(1, 1, 1), num_workers=0)  # fmt: skip
+        dm.setup("fit")
+        torch.manual_seed(0)
+        draws = torch.stack([dm.train_set[0][0] for _ in range(400)])
+        left = draws[..., :16].mean(dim=(1, 2, 3))  # left half of the crop: flips move it
+        stats[decode] = (draws.mean().item(), draws.mean(dim=(1, 2, 3)).std().item(),
+                         left.mean().item())  # fmt: skip
+    for pil, tensor in zip(stats["pil"], stats["tensor"], strict=True):
+        assert tensor == pytest.approx(pil, abs=0.05), stats
+
+
+def test_tensor_decode_rejects_policies_it_cannot_follow(tmp_path):
+    root = write_imagefolder(tmp_path, per_class=1)
+    with pytest.raises(ValueError, match=r"data\.auto_augment"):
+        ImageFolderDataModule(str(root), decode="tensor", auto_augment="augmix-m5")
+    with pytest.raises(ValueError, match=r"data\.decode"):
+        ImageFolderDataModule(str(root), decode="cv2")
