@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from swin_lightning.data import ImageFolderDataModule, PackedDataModule
 from swin_lightning.data.packed import BAD_LIST, META, iter_labels
 from swin_lightning.pack import main as pack_main
 from tests.conftest import CONFIGS, run_cli, write_imagefolder
+from tests.test_resume import callback, fit_subprocess
 
 pytest.importorskip("litdata", reason="the packed extra (litdata) is in dev; CI installs it")
 
@@ -143,17 +146,32 @@ def test_remote_root_reads_through_the_cache(packed, tmp_path):
     assert list((tmp_path / "cache").rglob("chunk-*.bin"))
 
 
-@pytest.mark.slow
-def test_fit_on_packed_data(packed, in_tmp):
-    _, out = packed
-    run_cli(
-        "fit", "--config", str(CONFIGS / "imagefolder.yaml"),
+def packed_fit_args(out) -> list[str]:
+    return [
+        "--config", str(CONFIGS / "imagefolder.yaml"),
         "--config", str(CONFIGS / "imagenet" / "packed.yaml"),
         f"--data.init_args.root={out}", "--data.init_args.image_size=32",
         "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
         "--data.init_args.auto_augment=null", "--data.init_args.re_prob=0",
-        "--trainer.max_epochs=1", "--trainer.limit_val_batches=1",
-    )  # fmt: skip
+        "--data.init_args.scale=[1.0, 1.0]", "--data.init_args.ratio=[1.0, 1.0]",
+        "--data.init_args.hflip=0", "--trainer.limit_val_batches=1",
+    ]  # fmt: skip
+
+
+class RecordImages(L.Callback):
+    """Test helper: a fingerprint of every training image, by the step it is trained at."""
+
+    def __init__(self):
+        self.images: dict[int, list[float]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.images[trainer.global_step] = batch[0].flatten(1).sum(1).round(decimals=3).tolist()
+
+
+@pytest.mark.slow
+def test_fit_on_packed_data(packed, in_tmp):
+    _, out = packed
+    run_cli("fit", *packed_fit_args(out), "--trainer.max_epochs=1")
     ckpts = list(in_tmp.rglob("last.ckpt"))
     assert ckpts, "the run saved no checkpoint"
     checkpoint = torch.load(ckpts[0], weights_only=True, map_location="cpu")
@@ -192,3 +210,25 @@ def test_tensor_decode_rejects_policies_it_cannot_follow(tmp_path):
         ImageFolderDataModule(str(root), decode="tensor", auto_augment="augmix-m5")
     with pytest.raises(ValueError, match=r"data\.decode"):
         ImageFolderDataModule(str(root), decode="cv2")
+
+
+@pytest.mark.slow
+def test_killed_fit_on_packed_data_resumes_on_the_next_sample(packed, in_tmp):
+    # 2 epochs of 3 steps; killed after step 5 (mid-epoch 2), last.ckpt of step 4 survives.
+    _, out = packed
+    args = [*packed_fit_args(out), "--trainer.max_epochs=2",
+            "--step_checkpoint.every_n_train_steps=1"]  # fmt: skip
+    record = "--trainer.callbacks+=tests.test_packed.RecordImages"
+    reference = run_cli("fit", *args, record, "--trainer.logger.init_args.save_dir=ref")
+    want = next(c for c in reference.trainer.callbacks if isinstance(c, RecordImages)).images
+    assert sorted(want) == list(range(6))
+    assert len({v for s in (0, 1, 2) for v in want[s]}) == 24  # one epoch: every image once
+    killed = fit_subprocess(*args, callback("KillAt", step=5), cwd=in_tmp)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = in_tmp / "logs" / "imagefolder" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 4 and state["epoch"] == 1
+    assert "train_loader" in state["callbacks"]["ResumeState"]
+    resumed = run_cli("fit", *args, record, "--ckpt_path=last")
+    got = next(c for c in resumed.trainer.callbacks if isinstance(c, RecordImages)).images
+    assert got == {s: v for s, v in want.items() if s >= 4}
