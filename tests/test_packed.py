@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -232,3 +233,26 @@ def test_killed_fit_on_packed_data_resumes_on_the_next_sample(packed, in_tmp):
     resumed = run_cli("fit", *args, record, "--ckpt_path=last")
     got = next(c for c in resumed.trainer.callbacks if isinstance(c, RecordImages)).images
     assert got == {s: v for s, v in want.items() if s >= 4}
+
+
+def _rank_samples(rank: int, world: int, out: str, init: str, result: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        dm = _module(out)
+        dm.setup("fit")
+        seen = [image for _, image in _paths_of(dm.train_dataloader())]
+        Path(f"{result}.{rank}").write_text(json.dumps(seen))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stream_disjoint_shards(packed, tmp_path):
+    # Two CPU processes (gloo), as DDP runs them: each rank streams its own part of the epoch.
+    _, out = packed
+    result = tmp_path / "seen"
+    init = f"file://{tmp_path / 'rendezvous'}"
+    torch.multiprocessing.spawn(_rank_samples, args=(2, str(out), init, str(result)), nprocs=2)
+    ranks = [{tuple(x) for x in json.loads(Path(f"{result}.{r}").read_text())} for r in (0, 1)]
+    assert all(len(r) == 12 for r in ranks)  # 24 images, 12 a rank
+    assert not ranks[0] & ranks[1]
