@@ -93,6 +93,10 @@ def test_bench_quick_writes_report(tmp_path):
         ("cifar_32", "timm"),
     }
     assert "ceiling" in text
+    loaders = {(r["source"], r["decode"]) for r in results["pipeline"]}
+    assert loaders == {("ImageFolder", "pil"), ("ImageFolder", "tensor"), ("packed", "pil"),
+                       ("packed", "tensor")}  # fmt: skip
+    assert all(r["img_s"] > 0 for r in results["pipeline"])
 
 
 def test_operators_fall_in_their_buckets():

@@ -205,6 +205,17 @@ def test_tensor_and_pil_paths_draw_the_same_augmentations(tmp_path):
         assert tensor == pytest.approx(pil, abs=0.05), stats
 
 
+def test_tensor_path_runs_the_full_recipe(tmp_path):
+    # RandAugment m9 and random erasing on tensors, every op drawn many times.
+    root = write_imagefolder(tmp_path, per_class=1, size=64, fmt="jpg")
+    dm = ImageFolderDataModule(str(root), image_size=32, decode="tensor", num_workers=0)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    for _ in range(100):
+        x, _ = dm.train_set[0]
+        assert x.shape == (3, 32, 32) and torch.isfinite(x).all()
+
+
 def test_tensor_decode_rejects_policies_it_cannot_follow(tmp_path):
     root = write_imagefolder(tmp_path, per_class=1)
     with pytest.raises(ValueError, match=r"data\.auto_augment"):

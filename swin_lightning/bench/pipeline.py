@@ -1,43 +1,91 @@
-"""Table 4: input pipeline throughput of the ImageFolder train loader."""
+"""Table 4: input pipeline throughput of the train loaders: loose JPEGs (ImageFolder) or
+packed chunks (litdata), decoded by PIL (timm's transforms) or to tensors (transforms v2)."""
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
+PIPELINES = (
+    ("ImageFolder", "pil"),
+    ("ImageFolder", "tensor"),
+    ("packed", "pil"),
+    ("packed", "tensor"),
+)
 
-def bench_input_pipeline(num_images: int, workers: list[int]) -> list[dict]:
-    """Images/s of the ImageFolder training loader (timm augmentation at 224)."""
+
+def write_jpeg_tree(root: Path, num_images: int) -> None:
+    """``root/{train,val}/{a,b}/*.jpg``: 500x375 JPEGs of smooth random content, about the
+    size of an average ImageNet file (pure noise would be 3-4x larger and slower to decode)."""
     import numpy as np
     from PIL import Image
 
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(num_images // 2 if split == "train" else 1):
+                coarse = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+                image = Image.fromarray(coarse).resize((500, 375), Image.BICUBIC)
+                grain = rng.integers(-12, 13, (375, 500, 3))
+                pixels = np.clip(np.asarray(image, dtype=np.int16) + grain, 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.jpg", quality=90)
+
+
+def bench_input_pipeline(num_images: int, workers: list[int], rounds: int = 3) -> list[dict]:
+    """Images/s of each training loader of :data:`PIPELINES` (RandAugment m9 + random erasing,
+    224 crops), per number of workers; loaders alternate over ``rounds`` passes (medians).
+    The packed rows need litdata (the ``packed`` extra) and are left out without it."""
     from swin_lightning.data import ImageFolderDataModule
 
+    try:
+        import litdata  # noqa: F401
+
+        from swin_lightning.data.packed import PackedDataModule, pack
+    except ImportError:
+        pack = None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        for split in ("train", "val"):
-            for cls in ("a", "b"):
-                folder = Path(tmp) / split / cls
-                folder.mkdir(parents=True)
-                for i in range(num_images // 2 if split == "train" else 1):
-                    pixels = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)  # ImageNet-like
-                    Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+        tree, packed = Path(tmp) / "tree", Path(tmp) / "packed"
+        write_jpeg_tree(tree, num_images)
+        pipelines = [p for p in PIPELINES if p[0] != "packed" or pack is not None]
+        if pack is not None:
+            pack(tree, packed, num_workers=1, chunk_bytes="16MB")
+        mean_kb = statistics.mean(p.stat().st_size for p in tree.rglob("*.jpg")) / 1024
         for n in workers:
-            dm = ImageFolderDataModule(tmp, image_size=224, batch_size=16, num_workers=n)
-            dm.setup("fit")
-            loader = dm.train_dataloader()
-            for _ in loader:  # warm-up pass (worker start, file cache)
-                pass
-            start = time.perf_counter()
-            seen = sum(len(b[0]) for b in loader)
-            seconds = time.perf_counter() - start
-            rows.append(
-                {
-                    "workers": n,
-                    "img_s": seen / seconds,
-                    "img_s_per_worker": seen / seconds / max(n, 1),
-                }
-            )
+            loaders = {}
+            for source, decode in pipelines:
+                kwargs = {"image_size": 224, "batch_size": 16, "num_workers": n, "decode": decode}
+                if source == "packed":
+                    dm = PackedDataModule(str(packed), **kwargs)
+                else:
+                    dm = ImageFolderDataModule(str(tree), **kwargs)
+                dm.setup("fit")
+                loaders[(source, decode)] = dm.train_dataloader()
+            rates: dict[tuple[str, str], list[float]] = {key: [] for key in loaders}
+            for loader in loaders.values():
+                for _ in loader:  # warm-up pass (worker start, file cache)
+                    pass
+            for r in range(rounds):
+                for key in list(loaders) if r % 2 == 0 else reversed(list(loaders)):
+                    start = time.perf_counter()
+                    seen = sum(len(b[0]) for b in loaders[key])
+                    rates[key].append(seen / (time.perf_counter() - start))
+            base = statistics.median(rates[("ImageFolder", "pil")])
+            for (source, decode), values in rates.items():
+                img_s = statistics.median(values)
+                rows.append(
+                    {
+                        "source": source,
+                        "decode": decode,
+                        "workers": n,
+                        "img_s": img_s,
+                        "img_s_per_worker": img_s / max(n, 1),
+                        "vs_imagefolder_pil": img_s / base,
+                        "mean_jpeg_kb": mean_kb,
+                    }
+                )
     return rows

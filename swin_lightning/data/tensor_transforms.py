@@ -63,7 +63,12 @@ def tensor_train_transform(
     ]
     if auto_augment:
         magnitude = randaugment_magnitude(auto_augment)
-        steps.append(v2.RandAugment(num_ops=2, magnitude=magnitude, interpolation=mode))
+        # Rotations and shears of tensors take nearest or bilinear only (timm's PIL ops draw
+        # bilinear or bicubic).
+        rand = v2.RandAugment(
+            num_ops=2, magnitude=magnitude, interpolation=InterpolationMode.BILINEAR
+        )
+        steps.append(rand)
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if re_prob > 0:
         # timm's 'pixel' / 'rand' fill normal noise in the normalised space, 'const' zeros.
