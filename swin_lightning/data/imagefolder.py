@@ -16,7 +16,6 @@ from swin_lightning.data.base import IMAGE_SUFFIXES, ClassificationDataModule
 from swin_lightning.data.tensor_transforms import (
     DECODE_CHOICES,
     decode_bytes,
-    randaugment_magnitude,
     tensor_eval_transform,
     tensor_train_transform,
 )
@@ -187,8 +186,6 @@ class ImageFolderDataModule(ClassificationDataModule):
         super().__init__(batch_size, num_workers, pin_memory, predict_dir)
         if decode not in DECODE_CHOICES:
             raise ValueError(f"data.decode={decode!r} is not one of {', '.join(DECODE_CHOICES)}")
-        if decode == "tensor" and auto_augment:
-            randaugment_magnitude(auto_augment)  # a policy transforms v2 cannot follow: now
         self.decode = decode
         if image_size <= 0:
             raise ValueError(f"data.image_size={image_size} must be > 0")

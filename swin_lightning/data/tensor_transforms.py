@@ -2,18 +2,19 @@
 counterparts of timm's PIL recipe (random resized crop, flip, RandAugment, normalise, random
 erasing), for ``decode: tensor`` in the ImageFolder and packed data modules.
 
-PIL stays the default: the tensor path is faster per loader worker (``bench``, table 4) and
+PIL stays the default: the tensor path is faster per loader worker (``bench``, table 4). It
 draws crops, flips and erasing from the same distributions (``tests/test_packed.py`` compares
-their statistics). RandAugment is torchvision's (``num_ops=2``, ``magnitude`` from timm's
-``rand-mN`` policy string), not timm's exact op list.
+their statistics) and runs timm's own auto-augment policy on the crop, so RandAugment's ops
+are exactly timm's.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import InterpolationMode, v2
 
@@ -31,15 +32,40 @@ def decode_bytes(data: bytes | bytearray | memoryview) -> torch.Tensor:
     return decode_image(buffer, mode=ImageReadMode.RGB)
 
 
-def randaugment_magnitude(policy: str) -> int:
-    """The magnitude of a timm RandAugment policy string ('rand-m9-mstd0.5-inc1' -> 9)."""
-    match = re.search(r"(?:^|-)m(\d+)(?:-|$)", policy)
-    if not policy.startswith("rand") or match is None:
-        raise ValueError(
-            f"data.auto_augment={policy!r}: decode: tensor supports RandAugment policies "
-            "'rand-mN[-...]' (or null); use decode: pil for timm's other policies"
+class TimmAutoAugment:
+    """timm's auto-augment policy (``rand-m9-mstd0.5-inc1``, ``augmix-...``, ``original``)
+    applied to a ``uint8`` tensor: the same ops and distribution as the PIL recipe.
+
+    timm's ops run on PIL images; the tensor goes there and back (two copies of a 224 crop,
+    a fraction of a millisecond), which is faster than torchvision's tensor RandAugment.
+    """
+
+    def __init__(self, policy: str, image_size: int, mean: tuple[float, ...], interpolation: str):
+        from timm.data.auto_augment import (
+            augment_and_mix_transform,
+            auto_augment_transform,
+            rand_augment_transform,
         )
-    return int(match.group(1))
+        from timm.data.transforms import str_to_pil_interp
+
+        hparams: dict = {
+            "translate_const": int(image_size * 0.45),
+            "img_mean": tuple(min(255, round(255 * x)) for x in mean),
+        }
+        if interpolation != "random":
+            hparams["interpolation"] = str_to_pil_interp(interpolation)
+        if policy.startswith("rand"):
+            self.augment = rand_augment_transform(policy, hparams)
+        elif policy.startswith("augmix"):
+            hparams["translate_pct"] = 0.3
+            self.augment = augment_and_mix_transform(policy, hparams)
+        else:
+            self.augment = auto_augment_transform(policy, hparams)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        pil = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+        out = torch.from_numpy(np.asarray(self.augment(pil), dtype=np.uint8).copy())
+        return out.permute(2, 0, 1)
 
 
 def tensor_train_transform(
@@ -62,13 +88,7 @@ def tensor_train_transform(
         v2.RandomHorizontalFlip(hflip),
     ]
     if auto_augment:
-        magnitude = randaugment_magnitude(auto_augment)
-        # Rotations and shears of tensors take nearest or bilinear only (timm's PIL ops draw
-        # bilinear or bicubic).
-        rand = v2.RandAugment(
-            num_ops=2, magnitude=magnitude, interpolation=InterpolationMode.BILINEAR
-        )
-        steps.append(rand)
+        steps.append(TimmAutoAugment(auto_augment, image_size, mean, interpolation))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if re_prob > 0:
         # timm's 'pixel' / 'rand' fill normal noise in the normalised space, 'const' zeros.
