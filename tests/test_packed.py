@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -267,3 +268,23 @@ def test_ddp_ranks_stream_disjoint_shards(packed, tmp_path):
     ranks = [{tuple(x) for x in json.loads(Path(f"{result}.{r}").read_text())} for r in (0, 1)]
     assert all(len(r) == 12 for r in ranks)  # 24 images, 12 a rank
     assert not ranks[0] & ranks[1]
+
+
+def test_opening_a_pack_stats_no_file_per_sample(packed, monkeypatch):
+    # Opening reads meta.json and each split's index.json: the number of file-system look-ups
+    # does not grow with the number of samples (a loose-file tree stats every image).
+    _, out = packed
+    calls = []
+    real_stat = os.stat
+
+    def counting_stat(path, *args, **kwargs):
+        calls.append(str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    dm = _module(out)
+    dm.setup("fit")
+    assert len(dm.train_set) == 24 and len(dm.val_set) == 12
+    per_image = [c for c in calls if c.endswith(".jpg")]
+    assert not per_image
+    assert 0 < len(calls) < 24, calls  # the index and meta files are looked up
