@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from swin_lightning.data import ImageFolderDataModule, PackedDataModule
-from swin_lightning.data.packed import BAD_LIST, META, iter_labels
+from swin_lightning.data.packed import BAD_LIST, META, iter_labels, pack
 from swin_lightning.pack import main as pack_main
 from tests.conftest import CONFIGS, run_cli, write_imagefolder
 from tests.test_resume import callback, fit_subprocess
@@ -288,3 +288,28 @@ def test_opening_a_pack_stats_no_file_per_sample(packed, monkeypatch):
     per_image = [c for c in calls if c.endswith(".jpg")]
     assert not per_image
     assert 0 < len(calls) < 24, calls  # the index and meta files are looked up
+
+
+def test_samples_imagefolder_tree_packs(tmp_path):
+    # docs/packed_data.md's offline walk-through: embedded shapes as a tree, packed, read.
+    from swin_lightning.samples import main as samples
+
+    samples([str(tmp_path / "tree"), "--imagefolder", "--count", "50"])
+    n_train = len(list((tmp_path / "tree" / "train").rglob("*.png")))
+    n_val = len(list((tmp_path / "tree" / "val").rglob("*.png")))
+    assert n_train + n_val == 50 and 10 <= n_val < 20  # every class has val images
+    meta = pack(tmp_path / "tree", tmp_path / "packed", num_workers=1)
+    assert meta["splits"]["train"]["samples"] == n_train and len(meta["classes"]) == 10
+    dm = _module(tmp_path / "packed")
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and y.max() < 10
+
+
+def test_pack_refuses_splits_with_different_classes_before_packing(tmp_path, capsys):
+    tree = write_imagefolder(tmp_path / "tree", per_class=1, fmt="jpg")
+    (tree / "val" / "ship" / "0.jpg").unlink()
+    (tree / "val" / "ship").rmdir()
+    assert pack_main(["--root", str(tree), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "only in train: ['ship']" in err and not (tmp_path / "out").exists()

@@ -172,16 +172,20 @@ def pack(
         raise PackError(
             f"{out} already holds a pack of {meta.get('source')}; choose another --out or delete it"
         )
+    first = class_folders(root / present[0])
+    for split in present[1:]:  # labels are indices into one list of classes: check first
+        classes = class_folders(root / split)
+        if classes != first:
+            raise PackError(
+                f"class folders of {root / split} differ from {root / present[0]}: only in "
+                f"{present[0]}: {sorted(set(first) - set(classes)) or 'none'}; only in {split}: "
+                f"{sorted(set(classes) - set(first)) or 'none'}"
+            )
     out.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"source": str(root.resolve()), "seed": seed, "splits": {}}
     bad_all: list[str] = []
     for split in present:
         classes, counts, bad = pack_split(root / split, out / split, seed, num_workers, chunk_bytes)
-        if "classes" in meta and classes != meta["classes"]:
-            raise PackError(
-                f"class folders of {root / split} differ from {root / present[0]}: "
-                f"{classes} vs {meta['classes']}"
-            )
         meta["classes"] = classes
         meta["splits"][split] = {
             "samples": sum(counts.values()),
