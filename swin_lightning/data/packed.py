@@ -16,6 +16,7 @@ Opening a packed split reads its ``index.json`` only: no per-file ``stat``.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -109,15 +110,21 @@ def pack_split(
     random.Random(seed).shuffle(items)
     bad_dir = out.parent / f".bad_{out.name}"
     bad_dir.mkdir(parents=True, exist_ok=True)
-    litdata.optimize(
-        fn=PackItem(str(split_dir), str(bad_dir)),
-        inputs=items,
-        output_dir=str(out),
-        chunk_bytes=chunk_bytes,
-        num_workers=max(1, num_workers),
-        use_checkpoint=True,  # a re-run after a kill continues where the workers stopped
-        start_method="spawn",
-    )
+    # litdata sets the process-wide start method; put it back, so DataLoaders started later
+    # in this process keep theirs (fork on Linux: workers up in milliseconds, not seconds).
+    start_method = multiprocessing.get_start_method(allow_none=True)
+    try:
+        litdata.optimize(
+            fn=PackItem(str(split_dir), str(bad_dir)),
+            inputs=items,
+            output_dir=str(out),
+            chunk_bytes=chunk_bytes,
+            num_workers=max(1, num_workers),
+            use_checkpoint=True,  # a re-run after a kill continues where the workers stopped
+            start_method="spawn",
+        )
+    finally:
+        multiprocessing.set_start_method(start_method, force=True)
     bad = sorted(
         {line.split("\t")[0] for f in bad_dir.glob("*.txt") for line in f.read_text().splitlines()}
     )
