@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from swin_lightning.data.base import IMAGE_SUFFIXES, ClassificationDataModule
 from swin_lightning.data.imagefolder import (
@@ -267,45 +266,24 @@ class PackedDataModule(ImageFolderDataModule):
         max_cache_size: Most disk the chunk cache may use, e.g. '50GB'.
         decode: 'pil' (timm's PIL transforms) or 'tensor' (torchvision decode + transforms v2).
         shuffle_seed: Seed of the streaming shuffle (null: the run's seed_everything seed).
+        **kwargs: The ImageFolder module's keys (image_size, augmentation, batch_size, ...).
     """
 
     def __init__(
         self,
         root: str,
-        image_size: int = 224,
         cache_dir: str | None = None,
         max_cache_size: str = "100GB",
         decode: str = "tensor",
         shuffle_seed: int | None = None,
-        train_dir: str = "train",
-        val_dir: str = "val",
-        test_dir: str | None = None,
-        scale: tuple[float, float] = (0.08, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        hflip: float = 0.5,
-        color_jitter: float | None = 0.4,
-        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
-        re_prob: float = 0.25,
-        re_mode: str = "pixel",
-        re_count: int = 1,
-        interpolation: str = "bicubic",
-        crop_pct: float = 0.875,
-        mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
-        std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
-        batch_size: int = 64,
-        num_workers: int = 4,
-        pin_memory: bool = False,
-        predict_dir: str | None = None,
+        **kwargs: Any,
     ):
         self.uri = str(root)
         self.cache_dir = cache_dir
         self.max_cache_size = max_cache_size
         self.shuffle_seed = shuffle_seed
-        super().__init__(
-            root, image_size, train_dir, val_dir, test_dir, scale, ratio, hflip, color_jitter,
-            auto_augment, re_prob, re_mode, re_count, interpolation, crop_pct, mean, std,
-            batch_size, num_workers, pin_memory, predict_dir, decode=decode,
-        )  # fmt: skip
+        kwargs.pop("skip_corrupt", None)  # packing already left unreadable images out
+        super().__init__(root, decode=decode, **kwargs)
 
     def read_classes(self) -> list[str]:
         meta = read_meta(self.uri, self.cache_dir)
