@@ -66,6 +66,10 @@ def test_pack_again_is_a_no_op_and_another_tree_is_refused(packed, tmp_path, cap
     other = write_imagefolder(tmp_path / "other", per_class=1, fmt="jpg")
     assert pack_main(["--root", str(other), "--out", str(out)]) == 1
     assert "error:" in capsys.readouterr().err and (out / META).read_text() == before
+    # Same tree, other settings: not reported as done with the old pack's contents.
+    for changed in (["--seed", "1"], ["--splits", "train"]):
+        assert pack_main(["--root", str(tree), "--out", str(out), *changed]) == 1
+        assert "not the one asked for" in capsys.readouterr().err
 
 
 def test_pack_without_splits_is_one_error_line(tmp_path, capsys):

@@ -15,6 +15,7 @@ Opening a packed split reads its ``index.json`` only: no per-file ``stat``.
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import os
@@ -83,7 +84,7 @@ class PackItem:
         path = os.path.join(self.split_dir, rel)
         try:
             data = Path(path).read_bytes()
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(data)) as img:  # decode the bytes read, not the file again
                 img.load()
         except CORRUPT_IMAGE_ERRORS as err:
             with open(os.path.join(self.bad_dir, f"{os.getpid()}.txt"), "a") as f:
@@ -173,10 +174,15 @@ def pack(
         )
     if (out / META).exists():
         meta = json.loads((out / META).read_text())
-        if meta.get("source") == str(root.resolve()):
+        asked = {"source": str(root.resolve()), "seed": seed, "splits": sorted(present)}
+        held = {"source": meta.get("source"), "seed": meta.get("seed"),
+                "splits": sorted(meta.get("splits", {}))}  # fmt: skip
+        if held == asked:
             return meta  # already packed and verified: nothing to redo
         raise PackError(
-            f"{out} already holds a pack of {meta.get('source')}; choose another --out or delete it"
+            f"{out} already holds a pack of {held['source']} (seed {held['seed']}, splits "
+            f"{', '.join(held['splits'])}), not the one asked for; choose another --out or "
+            "delete it"
         )
     first = class_folders(root / present[0])
     for split in present[1:]:  # labels are indices into one list of classes: check first
@@ -244,8 +250,6 @@ class DecodeSample:
         if self.decode == "tensor":
             image = decode_bytes(data)
         else:
-            import io
-
             with Image.open(io.BytesIO(data)) as img:
                 image = img.convert("RGB")
         return self.transform(image), int(sample["label"])
