@@ -149,9 +149,7 @@ class WindowAttentionImages(L.Callback):
         if epoch % self.every_n_epochs:
             return
         if self._batch is None:
-            val_set = trainer.datamodule.val_set
-            n = min(self.num_images, len(val_set))
-            self._batch = torch.stack([val_set[i][0] for i in range(n)])
+            self._batch = trainer.datamodule.example_images(self.num_images)
         from swin_lightning.visualize import plot_attention_maps
 
         images = self._batch.to(pl_module.device)

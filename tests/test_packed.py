@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 from pathlib import Path
 
@@ -105,16 +106,47 @@ def _paths_of(loader, count=None):
     return seen
 
 
-@pytest.mark.parametrize("decode", ["tensor", "pil"])
+@pytest.mark.parametrize("decode", ["tensor", "pil", "device"])
 def test_packed_module_yields_batches(packed, decode):
     _, out = packed
     dm = _module(out, decode=decode)
     assert dm.num_classes == 3 and dm.classes == sorted(CLASSES)
     dm.setup("fit")
     x, y = next(iter(dm.train_dataloader()))
+    if decode == "device":  # still encoded: decoded together before the copy to the device
+        assert isinstance(x, list) and all(b.dtype == torch.uint8 and b.dim() == 1 for b in x)
+        x, y = dm.on_before_batch_transfer([x, y], 0)
+    # The tensor path's workers hand over uint8 crops; the device finishes them.
+    assert x.dtype == (torch.float32 if decode == "pil" else torch.uint8)
+    x = dm.finish_images(x, train=True)
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (4,)
     xv, _ = next(iter(dm.val_dataloader()))
-    assert xv.shape == (4, 3, 32, 32)
+    if decode == "device":
+        xv = dm.on_before_batch_transfer([xv, None], 0)[0]
+    xv = dm.finish_images(xv, train=False)
+    assert xv.shape == (4, 3, 32, 32) and xv.dtype == torch.float32
+
+
+def test_device_decode_gives_the_tensor_paths_pixels_and_refuses_timm_only_policies(packed):
+    # Evaluation is deterministic: decoding a batch together (on the CPU here, nvJPEG on a
+    # GPU) and resizing there gives the worker-side tensor path's images.
+    _, out = packed
+    images = {}
+    for decode in ("tensor", "device"):
+        dm = _module(out, decode=decode)
+        dm.setup("validate")
+        x, _ = next(iter(dm.val_dataloader()))
+        if decode == "device":
+            x = dm.on_before_batch_transfer([x, None], 0)[0]
+        images[decode] = dm.finish_images(x, train=False)
+    torch.testing.assert_close(images["device"], images["tensor"])
+    dm = _module(out, decode="device", auto_augment="rand-m7-n3-mstd0.5")
+    augment = dm.device_decode.train.transforms[-1]
+    assert (augment.num_ops, augment.magnitude) == (3, 7)
+    with pytest.raises(ValueError, match=r"data\.auto_augment='augmix-m5-w3'.*decode=device"):
+        _module(out, decode="device", auto_augment="augmix-m5-w3")
+    with pytest.raises(ValueError, match=r"data\.decode='device' is not one of pil, tensor$"):
+        ImageFolderDataModule(str(out), decode="device")
 
 
 @pytest.mark.parametrize("workers_after", [0, 2])
@@ -175,9 +207,11 @@ class RecordImages(L.Callback):
 
 
 @pytest.mark.slow
-def test_fit_on_packed_data(packed, in_tmp):
+@pytest.mark.parametrize("decode", ["tensor", "device"])
+def test_fit_on_packed_data(packed, in_tmp, decode):
     _, out = packed
-    run_cli("fit", *packed_fit_args(out), "--trainer.max_epochs=1")
+    run_cli("fit", *packed_fit_args(out), "--trainer.max_epochs=1",
+            f"--data.init_args.decode={decode}", "--data.init_args.re_prob=0.5")  # fmt: skip
     ckpts = list(in_tmp.rglob("last.ckpt"))
     assert ckpts, "the run saved no checkpoint"
     checkpoint = torch.load(ckpts[0], weights_only=True, map_location="cpu")
@@ -202,12 +236,40 @@ def test_tensor_and_pil_paths_draw_the_same_augmentations(tmp_path):
                                    std=(1, 1, 1), num_workers=0)  # fmt: skip
         dm.setup("fit")
         torch.manual_seed(0)
-        draws = torch.stack([dm.train_set[0][0] for _ in range(400)])
+        draws = dm.finish_images(torch.stack([dm.train_set[0][0] for _ in range(400)]), True)
         left = draws[..., :16].mean(dim=(1, 2, 3))  # left half of the crop: flips move it
         stats[decode] = (draws.mean().item(), draws.mean(dim=(1, 2, 3)).std().item(),
                          left.mean().item())  # fmt: skip
     for pil, tensor in zip(stats["pil"], stats["tensor"], strict=True):
         assert tensor == pytest.approx(pil, abs=0.05), stats
+
+
+def test_tensor_path_erases_on_the_device_as_timm_does_in_workers(tmp_path):
+    # A white image, mean 0 / std 1, 'const' erasing: erased pixels are the zeros. The erased
+    # share per image follows timm's area distribution on both paths; never in evaluation.
+    path = tmp_path / "img.png"
+    Image.fromarray(np.full((32, 32, 3), 255, dtype=np.uint8)).save(path)
+    shares = {}
+    for decode in ("pil", "tensor"):
+        tree = tmp_path / decode
+        for split in ("train", "val"):
+            (tree / split / "a").mkdir(parents=True)
+            (tree / split / "a" / "0.png").write_bytes(path.read_bytes())
+        dm = ImageFolderDataModule(str(tree), image_size=32, decode=decode, auto_augment=None,
+                                   color_jitter=None, re_prob=0.5, re_mode="const",
+                                   mean=(0, 0, 0), std=(1, 1, 1), num_workers=0)  # fmt: skip
+        dm.setup("fit")
+        random.seed(0)
+        torch.manual_seed(0)
+        batch = dm.finish_images(torch.stack([dm.train_set[0][0] for _ in range(600)]), True)
+        shares[decode] = (batch == 0).all(dim=1).float().mean(dim=(1, 2))
+        evaluated = dm.finish_images(torch.stack([dm.val_set[0][0]] * 4), False)
+        assert (evaluated == 1).all()
+    for decode, share in shares.items():
+        erased = share[share > 0]
+        assert 0.35 < len(erased) / len(share) < 0.65, decode  # re_prob
+        assert erased.min() >= 0.015 and erased.max() <= 0.36, decode  # 2%-33%, rounded sides
+    assert shares["tensor"].mean().item() == pytest.approx(shares["pil"].mean().item(), abs=0.02)
 
 
 @pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "augmix-m5-w3", "original"])
@@ -218,7 +280,7 @@ def test_tensor_path_runs_the_full_recipe_with_timms_policies(tmp_path, policy):
                                auto_augment=policy)  # fmt: skip
     dm.setup("fit")
     torch.manual_seed(0)
-    draws = torch.stack([dm.train_set[0][0] for _ in range(50)])
+    draws = dm.finish_images(torch.stack([dm.train_set[0][0] for _ in range(50)]), True)
     assert draws.shape == (50, 3, 32, 32) and torch.isfinite(draws).all()
     assert draws.std(dim=0).mean() > 0.1  # the augmentation changes the image
 

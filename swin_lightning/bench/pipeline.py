@@ -35,10 +35,29 @@ def write_jpeg_tree(root: Path, num_images: int) -> None:
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.jpg", quality=90)
 
 
+def timed_pass(loader, finish) -> tuple[float, float]:
+    """One pass over ``loader``, each batch finished by ``finish`` (the data module's
+    on-device steps, here on the CPU): seconds to its first batch (worker start-up included)
+    and images/s after it, the rate an epoch of a real dataset runs at."""
+    start = time.perf_counter()
+    first_at, first_len, seen = None, 0, 0
+    for batch in loader:
+        seen += len(finish(batch[0], True))
+        if first_at is None:
+            first_at, first_len = time.perf_counter(), seen
+    end = time.perf_counter()
+    if first_at is None or seen == first_len:
+        raise ValueError("the loader gave fewer than two batches: too few images to time")
+    return first_at - start, (seen - first_len) / (end - first_at)
+
+
 def bench_input_pipeline(num_images: int, workers: list[int], rounds: int = 3) -> list[dict]:
     """Images/s of each training loader of :data:`PIPELINES` (RandAugment m9 + random erasing,
-    224 crops), per number of workers; loaders alternate over ``rounds`` passes (medians).
+    224 crops) after its first batch, and the seconds to that batch (workers start afresh
+    every epoch), per number of workers; loaders alternate over ``rounds`` passes (medians).
     The packed rows need litdata (the ``packed`` extra) and are left out without it."""
+    import torch
+
     from swin_lightning.data import ImageFolderDataModule
 
     try:
@@ -64,16 +83,22 @@ def bench_input_pipeline(num_images: int, workers: list[int], rounds: int = 3) -
                 else:
                     dm = ImageFolderDataModule(str(tree), **kwargs)
                 dm.setup("fit")
-                loaders[(source, decode)] = dm.train_dataloader()
+                loaders[(source, decode)] = (dm.train_dataloader(), dm.finish_images)
+            # A loader worker runs torch on one thread (DataLoader sets it); so does the
+            # main-process row, so that every row is comparable per process.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1 if n == 0 else threads)
             rates: dict[tuple[str, str], list[float]] = {key: [] for key in loaders}
-            for loader in loaders.values():
+            starts: dict[tuple[str, str], list[float]] = {key: [] for key in loaders}
+            for loader, _ in loaders.values():
                 for _ in loader:  # warm-up pass (worker start, file cache)
                     pass
             for r in range(rounds):
                 for key in list(loaders) if r % 2 == 0 else reversed(list(loaders)):
-                    start = time.perf_counter()
-                    seen = sum(len(b[0]) for b in loaders[key])
-                    rates[key].append(seen / (time.perf_counter() - start))
+                    start_s, img_s = timed_pass(*loaders[key])
+                    starts[key].append(start_s)
+                    rates[key].append(img_s)
+            torch.set_num_threads(threads)
             base = statistics.median(rates[("ImageFolder", "pil")])
             for (source, decode), values in rates.items():
                 img_s = statistics.median(values)
@@ -82,6 +107,7 @@ def bench_input_pipeline(num_images: int, workers: list[int], rounds: int = 3) -
                         "source": source,
                         "decode": decode,
                         "workers": n,
+                        "first_batch_s": statistics.median(starts[(source, decode)]),
                         "img_s": img_s,
                         "img_s_per_worker": img_s / max(n, 1),
                         "vs_imagefolder_pil": img_s / base,

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from swin_lightning.resilience import ResumableDataLoader, ResumableSampler
 
@@ -63,6 +63,7 @@ class ClassificationDataModule(L.LightningDataModule):
     image_size: int
     num_classes: int
     classes: Sequence[str]
+    collate_fn: Callable | None = None  # the loaders' (None: PyTorch's default)
 
     def __init__(
         self,
@@ -88,6 +89,24 @@ class ClassificationDataModule(L.LightningDataModule):
     def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
         raise NotImplementedError
 
+    def finish_images(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+        """The last transform steps, run on the device on whole batches (identity here:
+        these modules' loaders yield finished float images)."""
+        return images
+
+    def example_images(self, n: int) -> torch.Tensor:
+        """The first ``n`` validation images as the model sees them (for figures)."""
+        if self.val_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not created the val split")
+        samples = [self.val_set[i] for i in range(min(n, len(self.val_set)))]
+        batch = self.on_before_batch_transfer((self.collate_fn or default_collate)(samples), 0)
+        return self.finish_images(batch[0], train=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, *rest = batch
+        training = self.trainer is not None and self.trainer.training
+        return type(batch)([self.finish_images(images, training), *rest])
+
     def setup(self, stage: str) -> None:
         if stage == "predict":
             if self.predict_dir is None:
@@ -104,6 +123,7 @@ class ClassificationDataModule(L.LightningDataModule):
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory,
             "persistent_workers": self.num_workers > 0,
+            "collate_fn": self.collate_fn,
         }
         if not train:
             return DataLoader(dataset, **kwargs)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from multiprocessing import context as mp_context
 from pathlib import Path
 
+import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision.datasets import ImageFolder
@@ -15,6 +16,7 @@ from torchvision.datasets import ImageFolder
 from swin_lightning.data.base import IMAGE_SUFFIXES, ClassificationDataModule
 from swin_lightning.data.tensor_transforms import (
     DECODE_CHOICES,
+    FinishOnDevice,
     decode_bytes,
     tensor_eval_transform,
     tensor_train_transform,
@@ -157,6 +159,8 @@ class ImageFolderDataModule(ClassificationDataModule):
             tensor, transforms v2 counterparts: faster per loader worker).
     """
 
+    decode_choices: tuple[str, ...] = DECODE_CHOICES
+
     def __init__(
         self,
         root: str,
@@ -184,8 +188,10 @@ class ImageFolderDataModule(ClassificationDataModule):
         decode: str = "pil",
     ):
         super().__init__(batch_size, num_workers, pin_memory, predict_dir)
-        if decode not in DECODE_CHOICES:
-            raise ValueError(f"data.decode={decode!r} is not one of {', '.join(DECODE_CHOICES)}")
+        if decode not in self.decode_choices:
+            raise ValueError(
+                f"data.decode={decode!r} is not one of {', '.join(self.decode_choices)}"
+            )
         self.decode = decode
         if image_size <= 0:
             raise ValueError(f"data.image_size={image_size} must be > 0")
@@ -208,6 +214,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.crop_pct = crop_pct
         self.mean, self.std = tuple(mean), tuple(std)
         self.skip_corrupt = skip_corrupt
+        self._finish: FinishOnDevice | None = None
         # Read now: num_classes is linked into the model before anything is built.
         self.classes = self.read_classes()
         self.num_classes = len(self.classes)
@@ -218,11 +225,11 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     def train_transform(self) -> Callable:
         if self.decode == "tensor":
-            aug = {k: v for k, v in self.aug.items() if k != "color_jitter"}
+            skip = ("color_jitter", "re_prob", "re_mode", "re_count")  # erasing: on the device
+            aug = {k: v for k, v in self.aug.items() if k not in skip}
             return tensor_train_transform(
-                self.image_size, interpolation=self.interpolation, mean=self.mean,
-                std=self.std, **aug,
-            )  # fmt: skip
+                self.image_size, interpolation=self.interpolation, mean=self.mean, **aug
+            )
         return create_transform(
             self.image_size,
             is_training=True,
@@ -247,10 +254,18 @@ class ImageFolderDataModule(ClassificationDataModule):
         also serves ``predict_dir`` images)."""
         if self.decode == "tensor":
             interpolation = self.interpolation if self.interpolation != "random" else "bicubic"
-            return tensor_eval_transform(
-                self.image_size, self.crop_pct, interpolation, self.mean, self.std
-            )
+            return tensor_eval_transform(self.image_size, self.crop_pct, interpolation)
         return self.eval_transform()
+
+    def finish_images(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+        """``decode: tensor`` loaders yield ``uint8`` crops: scale, normalise and (training)
+        random-erase them here, on the device, a whole batch at a time."""
+        if self.decode == "pil":
+            return images
+        if self._finish is None:
+            re = {k: self.aug[k] for k in ("re_prob", "re_mode", "re_count")}
+            self._finish = FinishOnDevice(self.mean, self.std, **re)
+        return self._finish(images, train)
 
     def _split(self, split: str, transform: Callable) -> CheckedImageFolder:
         split_dir = self.root / self.split_dirs[split]

@@ -35,7 +35,12 @@ from swin_lightning.data.imagefolder import (
     ImageFolderDataModule,
     class_folders,
 )
-from swin_lightning.data.tensor_transforms import decode_bytes
+from swin_lightning.data.tensor_transforms import (
+    DECODE_CHOICES,
+    DeviceDecode,
+    collate_encoded,
+    decode_bytes,
+)
 from swin_lightning.storage import write_text
 
 META = "meta.json"
@@ -238,15 +243,18 @@ class DecodeSample:
     """litdata's per-sample transform: encoded bytes -> ``(augmented image, label)``.
 
     ``decode='pil'`` opens the bytes with PIL (timm's transforms), ``'tensor'`` decodes them
-    with torchvision to a ``uint8`` tensor (transforms v2).
+    with torchvision to a ``uint8`` tensor (transforms v2), ``'device'`` hands them over still
+    encoded (the device decodes the batch).
     """
 
-    def __init__(self, transform: Callable, decode: str = "pil"):
+    def __init__(self, transform: Callable | None, decode: str = "pil"):
         self.transform = transform
         self.decode = decode
 
     def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
         data = sample["image"]
+        if self.decode == "device":
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), int(sample["label"])
         if self.decode == "tensor":
             image = decode_bytes(data)
         else:
@@ -268,7 +276,10 @@ class PackedDataModule(ImageFolderDataModule):
             ``local:/path`` to exercise the remote path on a local folder).
         cache_dir: Local folder for the chunks of a remote root (default: litdata's).
         max_cache_size: Most disk the chunk cache may use, e.g. '50GB'.
-        decode: 'pil' (timm's PIL transforms) or 'tensor' (torchvision decode + transforms v2).
+        decode: 'pil' (timm's PIL transforms), 'tensor' (torchvision decode + transforms v2 in
+            the workers) or 'device' (workers only read; the JPEGs of a batch are decoded
+            together on the training device, nvJPEG on a GPU, and cropped, flipped and
+            RandAugmented there with torchvision's RandAugment).
         shuffle_seed: Seed of the streaming shuffle (null: the run's seed_everything seed).
         **kwargs: The ImageFolder module's keys (image_size, augmentation, batch_size, ...).
     """
@@ -288,6 +299,30 @@ class PackedDataModule(ImageFolderDataModule):
         self.shuffle_seed = shuffle_seed
         kwargs.pop("skip_corrupt", None)  # packing already left unreadable images out
         super().__init__(root, decode=decode, **kwargs)
+        self.device_decode = None
+        if decode == "device":
+            aug = {k: self.aug[k] for k in ("scale", "ratio", "hflip", "auto_augment")}
+            self.device_decode = DeviceDecode(
+                self.image_size, interpolation=self.interpolation, crop_pct=self.crop_pct, **aug
+            )
+            self.collate_fn = collate_encoded
+
+    decode_choices = (*DECODE_CHOICES, "device")
+
+    def train_transform(self) -> Callable | None:
+        return None if self.decode == "device" else super().train_transform()
+
+    def split_eval_transform(self) -> Callable | None:
+        return None if self.decode == "device" else super().split_eval_transform()
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """``decode: device``: decode and augment the batch's JPEGs on the training device."""
+        if self.device_decode is None or not isinstance(batch[0], list):
+            return batch
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        training = trainer is not None and trainer.training
+        return [self.device_decode(batch[0], device, training), *batch[1:]]
 
     def read_classes(self) -> list[str]:
         meta = read_meta(self.uri, self.cache_dir)
@@ -337,6 +372,7 @@ class PackedDataModule(ImageFolderDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
+            collate_fn=self.collate_fn,
         )
 
     def predict_dataloader(self):
