@@ -158,3 +158,20 @@ def test_peak_tflops_from_the_table_or_the_flag(monkeypatch):
                        ("NVIDIA A100-SXM4-80GB", 312.0), ("Some Other GPU", None)]:  # fmt: skip
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda n=name: n)
         assert peak_tflops("cuda") == peak, name
+
+
+def test_tables_reruns_one_table_and_keeps_the_others(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    old = {n: f"## {n}. Table {n}\n\nold figures {n}\n\n" for n in range(1, 8)}
+    out.write_text("# Benchmarks\n\nCommand: `full run`\n\n" + "".join(old.values()))
+    (tmp_path / "bench_results.json").write_text(json.dumps({"models": ["kept"]}))
+    assert main(["--quick", "--out", str(out), "--tables", "5"]) == 0
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\nCommand: `full run`")
+    for n in (1, 2, 3, 4, 6, 7):
+        assert old[n] in text
+    assert "old figures 5" not in text and "## 5. Attention kernels" in text
+    assert text.index("## 4.") < text.index("## 5. Attention") < text.index("## 6.")
+    assert "Re-run alone by `python -m swin_lightning bench --quick" in text
+    results = json.loads((tmp_path / "bench_results.json").read_text())
+    assert results["models"] == ["kept"] and results["attention"]

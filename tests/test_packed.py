@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -17,7 +21,7 @@ from PIL import Image
 from swin_lightning.data import ImageFolderDataModule, PackedDataModule
 from swin_lightning.data.packed import BAD_LIST, META, iter_labels, pack
 from swin_lightning.pack import main as pack_main
-from tests.conftest import CONFIGS, run_cli, write_imagefolder
+from tests.conftest import CONFIGS, REPO, run_cli, write_imagefolder
 from tests.test_resume import callback, fit_subprocess
 
 pytest.importorskip("litdata", reason="the packed extra (litdata) is in dev; CI installs it")
@@ -71,6 +75,38 @@ def test_pack_again_is_a_no_op_and_another_tree_is_refused(packed, tmp_path, cap
     for changed in (["--seed", "1"], ["--splits", "train"]):
         assert pack_main(["--root", str(tree), "--out", str(out), *changed]) == 1
         assert "not the one asked for" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pack_killed_midway_resumes_and_packs_each_image_once(tmp_path, capfd):
+    tree = write_imagefolder(tmp_path / "tree", classes=CLASSES, per_class=300, size=96,
+                             fmt="jpg")  # fmt: skip
+    shutil.rmtree(tree / "val")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "swin_lightning", "pack", "--root", str(tree), "--out",
+           str(out), "--num_workers", "2", "--chunk_bytes", "64KB"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list((out / "train").glob("chunk-*.bin")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "pack wrote no chunk in 2 minutes"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the command and its packing workers, mid-write
+    proc.wait()
+    assert not (out / META).exists(), "pack finished before it was killed: nothing tested"
+    # The tree changed since: resuming would mix two trees, so it is refused.
+    extra = tree / "train" / "cat" / "late.jpg"
+    shutil.copy(tree / "train" / "cat" / "0.jpg", extra)
+    assert pack_main(["--root", str(tree), "--out", str(out), "--splits", "train"]) == 1
+    assert "changed since" in capfd.readouterr().err
+    extra.unlink()
+    # Same tree: resumed (with the workers it had, not the default 4), each image once.
+    assert pack_main(["--root", str(tree), "--out", str(out), "--splits", "train"]) == 0
+    assert "Checkpoints loaded successfully" in capfd.readouterr().out
+    paths = [p for _, p in iter_labels(out / "train")]
+    assert sorted(paths) == sorted(f"{c}/{i}.jpg" for c in CLASSES for i in range(300))
+    meta = json.loads((out / META).read_text())
+    assert meta["splits"]["train"]["per_class"] == dict.fromkeys(sorted(CLASSES), 300)
 
 
 def test_pack_without_splits_is_one_error_line(tmp_path, capsys):

@@ -113,6 +113,18 @@ def pack_split(
     litdata = _require_litdata()
     classes, items = list_split(split_dir)
     random.Random(seed).shuffle(items)
+    # Lists, not tuples: litdata resumes only when the items equal those of its checkpoint,
+    # which it keeps as JSON (a tuple comes back as a list, and would never match).
+    inputs = [[rel, label] for rel, label in items]
+    checkpoint = out / ".checkpoints" / "config.json"
+    if checkpoint.is_file():  # an interrupted pack: resume it with the workers it had
+        try:
+            num_workers = int(json.loads(checkpoint.read_text())["num_workers"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise PackError(
+                f"{checkpoint} is damaged ({type(err).__name__}: {err}); delete {out} and pack "
+                "again"
+            ) from err
     bad_dir = out.parent / f".bad_{out.name}"
     bad_dir.mkdir(parents=True, exist_ok=True)
     # litdata sets the process-wide start method; put it back, so DataLoaders started later
@@ -121,15 +133,25 @@ def pack_split(
     try:
         litdata.optimize(
             fn=PackItem(str(split_dir), str(bad_dir)),
-            inputs=items,
+            inputs=inputs,
             output_dir=str(out),
             chunk_bytes=chunk_bytes,
             num_workers=max(1, num_workers),
             use_checkpoint=True,  # a re-run after a kill continues where the workers stopped
             start_method="spawn",
         )
+    except ValueError as err:  # litdata: the checkpoint does not fit this tree
+        raise PackError(
+            f"cannot resume the interrupted pack in {out} ({err}): {split_dir} changed since; "
+            f"delete {out} and pack again"
+        ) from err
     finally:
         multiprocessing.set_start_method(start_method, force=True)
+    if not (out / "index.json").is_file():
+        raise PackError(
+            f"packing {split_dir} wrote no index to {out}: its worker processes failed (see "
+            "above); fix the cause and run pack again"
+        )
     bad = sorted(
         {line.split("\t")[0] for f in bad_dir.glob("*.txt") for line in f.read_text().splitlines()}
     )
