@@ -6,10 +6,12 @@ import argparse
 import difflib
 import importlib
 import inspect
+import logging
 import os
 import re
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
@@ -292,6 +294,16 @@ class SwinCLI(LightningCLI):
             if isinstance(err, INPUT_ERRORS):
                 _exit_on_input_error(err)
             raise
+        ckpt = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        if self.subcommand in EVAL_SUBCOMMANDS and ckpt and Path(ckpt).is_file():
+            # validate/test/predict save no checkpoint: their checkpoint callbacks take the
+            # folder of the run that made the weights, so restoring that run's callback state
+            # is complete, with no warning that the folder "has changed".
+            states = load_checkpoint(ckpt, mmap=True).get("callbacks", {})
+            for callback in self.trainer.checkpoint_callbacks:
+                dirpath = states.get(callback.state_key, {}).get("dirpath")
+                if dirpath:
+                    callback.dirpath = dirpath
 
     def _run_subcommand(self, subcommand: str) -> None:
         # Data setup, checkpoint loading and optimizer checks fail before the first batch.
@@ -386,12 +398,39 @@ class SwinCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+class DropMessage(logging.Filter):
+    """Drops one library message, by its opening words, from the logger that emits it."""
+
+    def __init__(self, opening: str):
+        super().__init__()
+        self.opening = opening
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.opening)
+
+
+def quiet_adverts() -> None:
+    """Two library messages no user can act on, each dropped where it is raised, by its
+    text: Lightning's tip to install its cloud logger (logged on every run, no switch), and
+    the deprecation torch >= 2.10 raises inside Lightning's own pytree helper."""
+    from lightning_utilities.core import rank_zero
+
+    if not any(isinstance(f, DropMessage) for f in rank_zero.log.filters):
+        rank_zero.log.addFilter(DropMessage("💡 Tip: For seamless cloud"))
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> SwinCLI:
     """Run the CLI; ``args`` as on the command line (None: ``sys.argv``).
 
     A run stopped by SIGTERM (its checkpoint saved) exits with code 143, or 130 for Ctrl+C,
     not 0, so schedulers and ``ablate`` do not take it for a finished run.
     """
+    quiet_adverts()
     try:
         check_config_files(sys.argv[1:] if args is None else list(args))
     except ValueError as err:

@@ -102,7 +102,8 @@ def test_pack_killed_midway_resumes_and_packs_each_image_once(tmp_path, capfd):
     extra.unlink()
     # Same tree: resumed (with the workers it had, not the default 4), each image once.
     assert pack_main(["--root", str(tree), "--out", str(out), "--splits", "train"]) == 0
-    assert "Checkpoints loaded successfully" in capfd.readouterr().out
+    printed = capfd.readouterr().out
+    assert "Checkpoints loaded successfully" in printed and "Create an account" not in printed
     paths = [p for _, p in iter_labels(out / "train")]
     assert sorted(paths) == sorted(f"{c}/{i}.jpg" for c in CLASSES for i in range(300))
     meta = json.loads((out / META).read_text())

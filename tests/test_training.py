@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import os
+import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -14,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from swin_lightning.models import create_model
 from swin_lightning.module import weight_decay_groups
 from swin_lightning.schedules import WarmupCosineLR, WarmupMultiStepLR, WarmupStepLR
-from tests.conftest import CONFIGS, TINY_DEMO, run_cli, write_imagefolder
+from tests.conftest import CONFIGS, REPO, TINY_DEMO, run_cli, write_imagefolder
 
 
 def lrs_of(scheduler_cls, steps: int, **kwargs) -> list[float]:
@@ -241,3 +244,20 @@ def test_bf16_overlay_trains_on_the_cpu(in_tmp):
                   "--model.net.pos_embed=cpb")  # fmt: skip
     assert cli.trainer.precision == "bf16-mixed" and cli.trainer.state.finished
     assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+
+
+@pytest.mark.slow
+def test_fit_and_test_print_no_advert_or_warning_the_user_cannot_act_on(in_tmp):
+    # As a user runs them: separate processes, everything they print.
+    def run(*args):
+        done = subprocess.run([sys.executable, "-m", "swin_lightning", *args, *TINY_DEMO],
+                              cwd=in_tmp, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout + done.stderr
+
+    printed = run("fit") + run("test", "--ckpt_path", "last")
+    assert "Test metric" in printed  # the runs did print their own output
+    for noise in ("Tip: For seamless cloud", "dirpath has changed", "LeafSpec",
+                  "callbacks used to create the checkpoint"):  # fmt: skip
+        assert noise not in printed, noise

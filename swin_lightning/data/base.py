@@ -103,8 +103,12 @@ class ClassificationDataModule(L.LightningDataModule):
         return self.finish_images(batch[0], train=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        images, *rest = batch
         training = self.trainer is not None and self.trainer.training
+        if isinstance(batch, torch.Tensor):  # images alone (the model summary's example)
+            return self.finish_images(batch, training)
+        if not isinstance(batch, list | tuple) or not batch:
+            return batch
+        images, *rest = batch
         return type(batch)([self.finish_images(images, training), *rest])
 
     def setup(self, stage: str) -> None:

@@ -15,12 +15,14 @@ Opening a packed split reads its ``index.json`` only: no per-file ``stat``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import multiprocessing
 import os
 import random
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,6 +48,25 @@ from swin_lightning.storage import write_text
 META = "meta.json"
 BAD_LIST = "bad_images.txt"
 REMOTE_PREFIXES = ("s3://", "gs://", "azure://", "r2://", "hf://", "local:")
+
+
+LITDATA_ADVERT = "Create an account on https://lightning.ai/"
+
+
+class _WithoutAdvert(io.TextIOBase):
+    """stdout for litdata's optimize without the account advert it prints on every call (it
+    has no switch but ``verbose``, which would take the progress bar too)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if not text.startswith(LITDATA_ADVERT):
+            self.stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 class PackError(RuntimeError):
@@ -131,15 +152,16 @@ def pack_split(
     # in this process keep theirs (fork on Linux: workers up in milliseconds, not seconds).
     start_method = multiprocessing.get_start_method(allow_none=True)
     try:
-        litdata.optimize(
-            fn=PackItem(str(split_dir), str(bad_dir)),
-            inputs=inputs,
-            output_dir=str(out),
-            chunk_bytes=chunk_bytes,
-            num_workers=max(1, num_workers),
-            use_checkpoint=True,  # a re-run after a kill continues where the workers stopped
-            start_method="spawn",
-        )
+        with contextlib.redirect_stdout(_WithoutAdvert(sys.stdout)):
+            litdata.optimize(
+                fn=PackItem(str(split_dir), str(bad_dir)),
+                inputs=inputs,
+                output_dir=str(out),
+                chunk_bytes=chunk_bytes,
+                num_workers=max(1, num_workers),
+                use_checkpoint=True,  # a re-run after a kill continues where workers stopped
+                start_method="spawn",
+            )
     except ValueError as err:  # litdata: the checkpoint does not fit this tree
         raise PackError(
             f"cannot resume the interrupted pack in {out} ({err}): {split_dir} changed since; "
@@ -339,7 +361,9 @@ class PackedDataModule(ImageFolderDataModule):
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """``decode: device``: decode and augment the batch's JPEGs on the training device."""
-        if self.device_decode is None or not isinstance(batch[0], list):
+        if self.device_decode is None or not isinstance(batch, list | tuple):
+            return batch
+        if not batch or not isinstance(batch[0], list):
             return batch
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
