@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -145,3 +147,49 @@ def test_fast_dev_run_finetune_recipes(config, in_tmp):
     report = cli.model.pretrained_report
     assert report.reinitialized == ["head.bias", "head.weight"]  # 1000 classes -> 3 or 10
     assert report.resized and not report.missing and not report.unexpected
+
+
+DEBUG_PRESETS = ["trainer/overfit.yaml", "trainer/limit.yaml", "trainer/profile.yaml"]
+
+
+@pytest.mark.parametrize("preset", DEBUG_PRESETS)
+def test_fast_dev_run_with_debug_presets(preset, in_tmp):
+    _fast_dev_run(CONFIGS / "demo.yaml", in_tmp, "--config", str(CONFIGS / preset))
+
+
+def _train_losses(run_dir) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [s.value for s in events.Scalars("train/loss")]
+
+
+@pytest.mark.slow
+def test_overfit_preset_drives_the_loss_near_zero(in_tmp):
+    from tests.conftest import TINY_DEMO
+
+    cli = run_cli("fit", *(a for a in TINY_DEMO if not a.startswith("--trainer.max_epochs")),
+                  "--config", str(CONFIGS / "trainer/overfit.yaml"))  # fmt: skip
+    losses = _train_losses(cli.trainer.log_dir)
+    assert len(losses) == 100  # 2 batches x 50 epochs, every step logged
+    assert losses[0] > 1.5 and losses[-1] < 0.05, (losses[0], losses[-1])
+
+
+def test_limit_and_profile_presets_run_and_write_a_trace(in_tmp):
+    import json
+
+    from tests.conftest import TINY_DEMO
+
+    cli = run_cli("fit", *TINY_DEMO, "--config", str(CONFIGS / "trainer/limit.yaml"),
+                  "--config", str(CONFIGS / "trainer/profile.yaml"),
+                  "--data.init_args.train_size=256")  # fmt: skip
+    assert cli.trainer.global_step == 10 and cli.trainer.current_epoch == 1
+    run_dir = Path(cli.trainer.log_dir)
+    # Lightning exports the training steps' trace in some runs only (validation's in all).
+    traces = list(run_dir.glob("fit-profile-*.pt.trace.json"))
+    assert traces, "\n".join(p.name for p in run_dir.iterdir())
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    assert any("aten::" in e.get("name", "") for e in events)  # operators were recorded
+    assert "Name" in (run_dir / "fit-profile.txt").read_text()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()  # a real run, unlike fast_dev_run
