@@ -77,6 +77,8 @@ def _composed(printed, wanted) -> bool:
     if isinstance(wanted, dict) and isinstance(printed, dict):
         keys = set(wanted) - UNPRINTABLE
         return all(k in printed and _composed(printed[k], wanted[k]) for k in keys)
+    if isinstance(wanted, list) and isinstance(printed, list) and len(wanted) == len(printed):
+        return all(_composed(p, w) for p, w in zip(printed, wanted, strict=True))
     return printed == wanted
 
 
