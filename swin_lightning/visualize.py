@@ -15,7 +15,7 @@ from swin_lightning.models.windows import shift_region_ids
 
 
 def _figure(rows: int, cols: int, width: float, height: float):
-    fig = Figure(figsize=(width, height), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")  # room for titles
     return fig, fig.subplots(rows, cols, squeeze=False)
 
 
@@ -45,21 +45,20 @@ def plot_windows(block: SwinBlock, shifted: SwinBlock | None = None) -> Figure:
     axes[0].imshow(checker, cmap="Pastel1", vmin=0, vmax=8)
     _window_lines(axes[0], H, W, block.window_size)
     axes[0].set_title(
-        f"W-MSA: {H}x{W} tokens, {block.window_size[0]}x{block.window_size[1]} windows"
+        f"W-MSA: {H}x{W} tokens,\n{block.window_size[0]}x{block.window_size[1]} windows"
     )
     if panels == 3:
         s = shifted.shift_size
         axes[1].imshow(checker, cmap="Pastel1", vmin=0, vmax=8)
         _window_lines(axes[1], H, W, shifted.window_size, offset=(-s[0], -s[1]))
-        axes[1].set_title(f"SW-MSA: windows shifted by {s[0]},{s[1]}")
+        axes[1].set_title(f"SW-MSA: windows\nshifted by {s[0]},{s[1]}")
         regions = shift_region_ids(H, W, shifted.window_size, s)
         axes[2].imshow(regions, cmap="tab10", vmin=0, vmax=9)
         _window_lines(axes[2], H, W, shifted.window_size)
-        axes[2].set_title("after cyclic shift: source regions")
+        axes[2].set_title("after the cyclic shift:\nsource regions")
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
     return fig
 
 
@@ -67,7 +66,7 @@ def plot_attention_mask(block: SwinBlock) -> Figure:
     """The additive mask of the four kinds of shifted window (interior, right/bottom edges, corner)."""
     H, W = block._padded(*block.input_resolution)
     mask = block.shift_mask(H, W, torch.device("cpu"))
-    fig, axes = _figure(1, 4, 13, 3.4)
+    fig, axes = _figure(1, 4, 13, 3.9)
     axes = axes[0]
     if mask is None:
         for ax in axes:
@@ -82,7 +81,6 @@ def plot_attention_mask(block: SwinBlock) -> Figure:
         ax.set_title(f"{name} (window {index})\nblack: masked (-100)")
         ax.set_xlabel("key token")
         ax.set_ylabel("query token")
-    fig.tight_layout()
     return fig
 
 
@@ -146,5 +144,4 @@ def plot_attention_maps(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
     return fig

@@ -1,5 +1,7 @@
 """The shifted-window attention mask, checked by what each output token can see."""
 
+import itertools
+
 import torch
 from torch.autograd.functional import jacobian
 
@@ -77,3 +79,21 @@ def test_attention_weights_across_regions_are_zero():
     v = block.attn.qkv(windows).view(*windows.shape[:3], 3, 2, 4)[..., 2, :, :]
     manual = (probs @ v.transpose(2, 3)).transpose(2, 3).reshape(windows.shape)
     torch.testing.assert_close(block.attn.proj(manual), block.attn(windows, mask))
+
+
+def test_window_figures_titles_fit_and_do_not_overlap():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from swin_lightning.models import create_model
+    from swin_lightning.visualize import plot_attention_mask, plot_windows
+
+    blocks = list(create_model("swin_t").layers[0].blocks)
+    for fig in (plot_windows(blocks[0], blocks[1]), plot_attention_mask(blocks[1])):
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        boxes = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
+        assert boxes
+        for box in boxes:
+            assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
+        for a, b in itertools.pairwise(boxes):
+            assert a.x1 < b.x0, "titles overlap"
