@@ -3,6 +3,7 @@ Swin V2's T/S/B at 256 (window 8 and 16) with B/L's window-transfer variants (12
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from swin_lightning.models.swin import SwinTransformer
@@ -54,6 +55,20 @@ def preset_kwargs(name: str) -> dict[str, Any]:
     return dict(PRESETS[name])
 
 
-def create_model(name: str, **overrides: Any) -> SwinTransformer:
-    """Build a preset, with any constructor argument overridden (e.g. ``num_classes=10``)."""
-    return SwinTransformer(**{**preset_kwargs(name), **overrides})
+def create_model(
+    name: str,
+    features_only: bool = False,
+    out_indices: Sequence[int] = (0, 1, 2, 3),
+    **overrides: Any,
+) -> SwinTransformer:
+    """Build a preset, with any constructor argument overridden (e.g. ``num_classes=10``).
+
+    ``features_only=True`` gives the backbone (:class:`SwinFeatures`): a list of NCHW maps,
+    one per stage in ``out_indices``, described by ``model.feature_info`` as in timm.
+    """
+    kwargs = {**preset_kwargs(name), **overrides}
+    if features_only:
+        from swin_lightning.models.features import SwinFeatures
+
+        return SwinFeatures(out_indices=out_indices, **kwargs)
+    return SwinTransformer(**kwargs)

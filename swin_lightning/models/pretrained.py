@@ -276,6 +276,9 @@ def load_pretrained(
     """
     raw = read_state_dict(source) if isinstance(source, str | Path) else source
     state, layout = convert_state_dict(raw, model)
+    trim = getattr(model, "trim_state_dict", None)
+    if trim is not None:  # a backbone: the classifier's final norm, head, later stages go
+        state = trim(state)
     expected = model.state_dict()
     resized, reinitialized = _adapt(state, model, expected) if adapt else ({}, [])
     mismatched = shape_mismatches(state, expected)
