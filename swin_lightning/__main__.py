@@ -1,4 +1,4 @@
-"""``python -m swin_lightning {fit,validate,test,predict,ablate,tune,bench,pack}``."""
+"""``python -m swin_lightning {fit,validate,test,predict,ablate,tune,bench,pack,export}``."""
 
 import sys
 
@@ -16,6 +16,10 @@ def main() -> None:
         from swin_lightning.pack import main as pack
 
         sys.exit(pack(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "export":
+        from swin_lightning.export import main as export
+
+        sys.exit(export(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "bench":
         from swin_lightning.bench import main as bench
         from swin_lightning.storage import WriteError

@@ -1,0 +1,148 @@
+"""``python -m swin_lightning export``: a trained checkpoint as ONNX or a ``torch.export``
+program (``.pt2``), checked against the PyTorch model on the spot.
+
+    python -m swin_lightning export --ckpt_path logs/demo/version_0/checkpoints/last.ckpt \\
+        --format onnx --out demo.onnx
+
+The network is rebuilt from the run's ``config.yaml`` (beside ``checkpoints/``; ``--config``
+for another), with the checkpoint's weights (the EMA average when the run kept one). The
+batch dimension is dynamic; height and width are those of ``--image_size`` (default: the
+run's data). ONNX is checked in onnxruntime (the ``export`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from swin_lightning.models import SwinTransformer
+from swin_lightning.storage import CheckpointError, WriteError, load_checkpoint, write_bytes
+
+FORMATS = ("onnx", "pt2")
+CHECK_BATCHES = (1, 3)
+
+
+class ExportError(RuntimeError):
+    """The checkpoint or its run cannot be exported, or the export differs from PyTorch."""
+
+
+def run_config(ckpt_path: Path, config: str | None) -> dict[str, Any]:
+    """The run's resolved config: ``--config``, else ``<run>/config.yaml`` beside
+    ``<run>/checkpoints/``."""
+    path = Path(config) if config else ckpt_path.resolve().parent.parent / "config.yaml"
+    if not path.is_file():
+        raise ExportError(
+            f"no run config at {path} (the checkpoint's run folder); pass --config with the "
+            "YAML the run was trained with"
+        )
+    loaded = yaml.safe_load(path.read_text())
+    if not isinstance(loaded, dict) or "net" not in (loaded.get("model") or {}):
+        raise ExportError(f"{path} has no model.net section: not a swin_lightning run config")
+    return loaded
+
+
+def build_network(
+    config: dict[str, Any], state: dict[str, torch.Tensor], image_size: list[int] | None
+) -> SwinTransformer:
+    """The run's network with the checkpoint's weights, in eval mode."""
+    net_cfg = config["model"]["net"]
+    init_args = dict(net_cfg.get("init_args") or {})
+    weights = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    if "head.weight" not in weights:
+        raise ExportError("the checkpoint holds no network weights (no net.head.weight)")
+    data_args = (config.get("data") or {}).get("init_args") or {}
+    size = image_size or data_args.get("image_size")
+    if size is None and "CIFAR" in str((config.get("data") or {}).get("class_path", "")):
+        size = 32
+    if size is None:
+        raise ExportError("the run's data sets no image_size; pass --image_size H [W]")
+    size = [size, size] if isinstance(size, int) else list(size)
+    if len(size) == 1:
+        size = size * 2
+    net = SwinTransformer(**{**init_args, "num_classes": weights["head.weight"].shape[0],
+                             "img_size": tuple(size)})  # fmt: skip
+    net.load_state_dict(weights)
+    return net.eval()
+
+
+def export(net: SwinTransformer, fmt: str, out: Path) -> float:
+    """Write ``net`` as ``fmt`` to ``out`` (batch dimension dynamic) and return the largest
+    absolute difference to the PyTorch logits over random batches of 1 and 3 images."""
+    h, w = net.img_size
+    example = torch.randn(2, 3, h, w)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic = {"x": {0: batch}}
+    with torch.no_grad():
+        if fmt == "pt2":
+            program = torch.export.export(net, (example,), dynamic_shapes=dynamic)
+            buffer = io.BytesIO()
+            torch.export.save(program, buffer)
+            write_bytes(out, buffer.getvalue())
+
+            def run(x):
+                return torch.export.load(out).module()(x)
+        else:
+            try:
+                import onnxruntime
+            except ImportError as err:
+                raise ExportError(
+                    "checking an ONNX export needs onnxruntime: pip install 'swin_lightning[export]'"
+                ) from err
+            program = torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=dynamic,
+                                        input_names=["images"], output_names=["logits"],
+                                        verbose=False)  # fmt: skip
+            write_bytes(out, program.model_proto.SerializeToString())
+            session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+            def run(x):
+                return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+
+        diff = 0.0
+        for n in CHECK_BATCHES:
+            x = torch.randn(n, 3, h, w)
+            diff = max(diff, (run(x) - net(x)).abs().max().item())
+    return diff
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m swin_lightning export", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint of a swin_lightning run")
+    parser.add_argument("--format", choices=FORMATS, required=True)
+    parser.add_argument("--out", required=True, help="file to write (.onnx or .pt2)")
+    parser.add_argument("--config", default=None, help="run config (default: the run's)")
+    parser.add_argument("--image_size", type=int, nargs="+", default=None, metavar="H [W]",
+                        help="input height and width (default: the run's data.image_size)")  # fmt: skip
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest logit difference to PyTorch accepted")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.image_size is not None and len(args.image_size) > 2:
+        parser.error(f"--image_size takes H or H W, not {len(args.image_size)} numbers")
+    ckpt = Path(args.ckpt_path)
+    try:
+        checkpoint = load_checkpoint(ckpt)
+        net = build_network(run_config(ckpt, args.config), checkpoint["state_dict"],
+                            args.image_size)  # fmt: skip
+        diff = export(net, args.format, Path(args.out))
+    except (ExportError, CheckpointError, FileNotFoundError, WriteError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, RuntimeError) as err:  # the network rejects the size, or a bad config
+        print(f"error: cannot build or export the network: {str(err).splitlines()[0]}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    h, w = net.img_size
+    verdict = "ok" if diff <= args.tolerance else f"above --tolerance {args.tolerance:g}"
+    print(f"wrote {args.out} ({args.format}, input (batch, 3, {h}, {w}), batch dynamic); max "
+          f"|logits - PyTorch| over batches {CHECK_BATCHES}: {diff:.2e} ({verdict})")  # fmt: skip
+    if diff > args.tolerance:
+        print(f"error: the export differs from PyTorch by {diff:.2e}", file=sys.stderr)
+        return 1
+    return 0
