@@ -499,6 +499,7 @@ def claim_run_folder(config: Any, subcommand: str) -> RunLock | None:
         if logger.version is None:
             logger.version, created = _new_version(root), True
         folder = root / _run_dir_name(logger.version)
+        _share_run_folder(config, logger)
     else:
         folder = Path(config.trainer.get("default_root_dir") or ".") / "checkpoints"
     lock = RunLock(folder).acquire()
@@ -517,6 +518,23 @@ def claim_run_folder(config: Any, subcommand: str) -> RunLock | None:
     remove_stale_tmp(checkpoints)
     remove_stale_tmp(folder)
     return lock
+
+
+def _share_run_folder(config: Any, first: Any) -> None:
+    """A CSV logger beside the first logger writes into that run's folder, ``csv/`` (a
+    resumed run: ``csv_2/``, ``csv_3/``, ...; Lightning's CSVLogger would delete an earlier
+    ``metrics.csv`` in the folder it is given)."""
+    loggers = config.trainer.get("logger")
+    run = Path(first.save_dir) / (first.name or "") / _run_dir_name(first.version)
+    for logger in loggers if isinstance(loggers, list) else []:
+        args = getattr(logger, "init_args", None) if hasattr(logger, "class_path") else None
+        if args is None or args is first or not str(logger.class_path).endswith("CSVLogger"):
+            continue
+        sub, n = "csv", 1
+        while (run / sub).exists():
+            n += 1
+            sub = f"csv_{n}"
+        args.save_dir, args.name, args.version = first.save_dir, first.name, f"{run.name}/{sub}"
 
 
 def _new_version(root: Path) -> int:

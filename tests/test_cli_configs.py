@@ -65,6 +65,10 @@ def test_overlay_composes_with_demo(overlay, capsys):
     for section, values in wanted.items():
         target = printed[section]["net"]["init_args"] if "net" in values else printed[section]
         for key, value in values.get("net", values).items():
+            if key.endswith("+"):  # appended to the list of the configs before it
+                key, printed_list = key[:-1], target[key[:-1]]
+                assert _composed(printed_list[-len(value) :], value), (section, key)
+                continue
             assert _composed(target[key], value), (section, key)
 
 
