@@ -84,9 +84,7 @@ def export(net: SwinTransformer, fmt: str, out: Path) -> float:
             buffer = io.BytesIO()
             torch.export.save(program, buffer)
             write_bytes(out, buffer.getvalue())
-
-            def run(x):
-                return torch.export.load(out).module()(x)
+            run = torch.export.load(out).module()  # the file written, read back once
         else:
             try:
                 import onnxruntime

@@ -255,6 +255,14 @@ def test_fit_on_packed_data(packed, in_tmp, decode):
     assert checkpoint["global_step"] == 3  # 24 images, batch 8
 
 
+def _one_image_tree(tree: Path, image: Path) -> Path:
+    """An ImageFolder tree of one class holding ``image`` in train and val."""
+    for split in ("train", "val"):
+        (tree / split / "a").mkdir(parents=True)
+        (tree / split / "a" / image.name).write_bytes(image.read_bytes())
+    return tree
+
+
 def test_tensor_and_pil_paths_draw_the_same_augmentations(tmp_path):
     # One image with a bright left half: the mean brightness and its spread over many random
     # crops and flips depend on the crop-scale, aspect and flip distributions.
@@ -264,10 +272,7 @@ def test_tensor_and_pil_paths_draw_the_same_augmentations(tmp_path):
     Image.fromarray(pixels).save(path, quality=95)
     stats = {}
     for decode in ("pil", "tensor"):
-        tree = tmp_path / decode
-        for split in ("train", "val"):
-            (tree / split / "a").mkdir(parents=True)
-            (tree / split / "a" / "0.jpg").write_bytes(path.read_bytes())
+        tree = _one_image_tree(tmp_path / decode, path)
         dm = ImageFolderDataModule(str(tree), image_size=32, decode=decode, auto_augment=None,
                                    color_jitter=None, re_prob=0.0, mean=(0, 0, 0),
                                    std=(1, 1, 1), num_workers=0)  # fmt: skip
@@ -288,10 +293,7 @@ def test_tensor_path_erases_on_the_device_as_timm_does_in_workers(tmp_path):
     Image.fromarray(np.full((32, 32, 3), 255, dtype=np.uint8)).save(path)
     shares = {}
     for decode in ("pil", "tensor"):
-        tree = tmp_path / decode
-        for split in ("train", "val"):
-            (tree / split / "a").mkdir(parents=True)
-            (tree / split / "a" / "0.png").write_bytes(path.read_bytes())
+        tree = _one_image_tree(tmp_path / decode, path)
         dm = ImageFolderDataModule(str(tree), image_size=32, decode=decode, auto_augment=None,
                                    color_jitter=None, re_prob=0.5, re_mode="const",
                                    mean=(0, 0, 0), std=(1, 1, 1), num_workers=0)  # fmt: skip

@@ -106,8 +106,12 @@ class FinishOnDevice:
     """
 
     def __init__(self, mean, std, re_prob: float = 0.0, re_mode: str = "pixel", re_count: int = 1):
+        from timm.data.random_erasing import RandomErasing
+
         self.normalize = ToNormalizedFloat(mean, std)
-        self.re_prob, self.re_mode, self.re_count = re_prob, re_mode, re_count
+        self.erase = None
+        if re_prob > 0:
+            self.erase = RandomErasing(re_prob, mode=re_mode, max_count=re_count, device="cpu")
 
     def __call__(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         if images.dtype != torch.uint8:
@@ -116,13 +120,25 @@ class FinishOnDevice:
         if norm.shift.device != images.device:
             norm.shift, norm.scale = norm.shift.to(images.device), norm.scale.to(images.device)
         out = norm(images)
-        if train and self.re_prob > 0:
-            from timm.data.random_erasing import RandomErasing
-
-            erase = RandomErasing(self.re_prob, mode=self.re_mode, max_count=self.re_count,
-                                  device=str(out.device))  # fmt: skip
-            out = erase(out)
+        if train and self.erase is not None:
+            self.erase.device = out.device  # where its noise is drawn
+            out = self.erase(out)
         return out
+
+
+def crop_and_flip(
+    image_size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    hflip: float,
+    interpolation: str,
+) -> list[Callable]:
+    """timm's RandomResizedCrop and horizontal flip as transforms v2 steps (any device)."""
+    mode = _INTERPOLATION.get(interpolation, InterpolationMode.BICUBIC)
+    return [
+        v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, interpolation=mode),
+        v2.RandomHorizontalFlip(hflip),
+    ]
 
 
 def tensor_train_transform(
@@ -136,11 +152,7 @@ def tensor_train_transform(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Training augmentation of a ``uint8`` image tensor, mirroring timm's ``create_transform``
     up to normalisation (``uint8`` out; :class:`FinishOnDevice` does the rest)."""
-    mode = _INTERPOLATION.get(interpolation, InterpolationMode.BICUBIC)
-    steps: list[Callable] = [
-        v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, interpolation=mode),
-        v2.RandomHorizontalFlip(hflip),
-    ]
+    steps = crop_and_flip(image_size, scale, ratio, hflip, interpolation)
     if auto_augment:
         steps.append(TimmAutoAugment(auto_augment, image_size, mean, interpolation))
     return v2.Compose(steps)
@@ -197,11 +209,7 @@ class DeviceDecode:
         interpolation: str,
         crop_pct: float,
     ):
-        mode = _INTERPOLATION.get(interpolation, InterpolationMode.BICUBIC)
-        train: list[Callable] = [
-            v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, interpolation=mode),
-            v2.RandomHorizontalFlip(hflip),
-        ]
+        train = crop_and_flip(image_size, scale, ratio, hflip, interpolation)
         augment = device_augment_policy(auto_augment)
         self.train = v2.Compose([*train, *([augment] if augment else [])])
         self.eval = tensor_eval_transform(image_size, crop_pct, interpolation)
