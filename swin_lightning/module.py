@@ -189,7 +189,7 @@ class SwinClassifier(L.LightningModule):
             setattr(self, f"{stage}_metrics", metrics)
         compile_network(net, compile, compile_mode, compile_dynamic, compile_backend)
         # Lets Lightning's model summary report output shapes and FLOPs.
-        self.example_input_array = torch.zeros(1, net.patch_embed.proj.in_channels, *net.img_size)
+        self.example_input_array = torch.zeros(1, net.patch_embed.in_chans, *net.img_size)
 
     def configure_gradient_clipping(
         self,
@@ -227,7 +227,7 @@ class SwinClassifier(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         # Read by ThroughputMonitor to log FLOP/s; a backward costs about twice the forward.
-        in_chans = self.net.patch_embed.proj.in_channels
+        in_chans = self.net.patch_embed.in_chans
         self.forward_flops = count_flops(self.net, (in_chans, *self.net.img_size))
         batch_size = getattr(self.trainer.datamodule, "batch_size", 1)
         self.flops_per_batch = (3 if stage == "fit" else 1) * self.forward_flops * batch_size

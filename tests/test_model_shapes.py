@@ -51,6 +51,29 @@ def test_patch_embedding_is_partition_then_linear():
     torch.testing.assert_close(model.patch_embed(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("patch_size", [1, 2, 4])
+def test_conv_stem_reaches_the_patch_grid_with_local_overlapping_filters(patch_size):
+    model = create_model(
+        "swin_cifar", num_classes=10, stem="conv", patch_size=patch_size, img_size=32
+    ).eval()
+    strides = [m.stride[0] for m in model.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [1] + [2] * {1: 0, 2: 1, 4: 2}[patch_size]
+    x = torch.randn(2, 3, 32, 32)
+    grid = 32 // patch_size
+    with torch.no_grad():
+        tokens = model.patch_embed(x)
+        assert tokens.shape == (2, grid, grid, model.patch_embed.proj.out_channels)
+        # Overlap: changing one pixel changes the tokens of more than its own patch (a
+        # non-overlapping linear embedding would change exactly one token).
+        y = x.clone()
+        y[:, :, patch_size * 2, patch_size * 2] += 5.0
+        changed = (model.patch_embed(y) - tokens).abs().amax(dim=(0, 3)) > 1e-6
+        assert changed.sum() > 1 and not changed[-1, -1]
+        assert model(x).shape == (2, 10)
+    # The paper's stem keeps its keys: official, timm and torchvision weights still load.
+    assert not any(".stem." in k for k in create_model("swin_cifar").state_dict())
+
+
 def test_patch_merging_halves_resolution_doubles_channels():
     model = create_model("swin_t")
     merge = model.layers[1].downsample
@@ -137,6 +160,8 @@ def test_other_input_size_pads_windows():
         ({"drop_path_rate": 1.0}, "drop_path_rate=1.0 must be in [0, 1)"),
         ({"attn_drop_rate": -0.1}, "attn_drop_rate=-0.1 must be in [0, 1)"),
         ({"window_size": 0}, "window_size=0 must be >= 1"),
+        ({"stem": "resnet"}, "stem='resnet' is not one of patch, conv"),
+        ({"stem": "conv", "patch_size": 3, "img_size": 33}, "patch_size must be a power of 2"),
     ],
 )
 def test_bad_settings_are_rejected_by_name(kwargs, message):

@@ -44,6 +44,8 @@ POS_EMBED_CHOICES = ("rel", "cpb", "abs", "abs+rel", "abs+cpb", "none")
 PositionBias = Literal["table", "cpb", "none"]
 Attention = Literal["dot", "cosine"]
 NormPlacement = Literal["pre", "post"]
+Stem = Literal["patch", "conv"]
+STEM_CHOICES = ("patch", "conv")
 ATTENTION_CHOICES = ("dot", "cosine")
 NORM_PLACEMENTS = ("pre", "post")
 # Swin V2 clamps the learned logit scale at log(1 / 0.01): cosine logits stay within +-100.
@@ -67,12 +69,43 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
 
 
 class PatchEmbed(nn.Module):
-    """Patch partition + linear embedding as one strided convolution, output ``B, H, W, C``."""
+    """Patch partition + linear embedding, output ``B, H, W, C``.
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, norm: bool = True):
+    ``stem='patch'`` (the paper): one strided convolution, a linear map of each
+    ``patch_size`` x ``patch_size`` patch. ``stem='conv'``: a small convolutional stem in
+    the manner of Xiao et al. (NeurIPS 2021, "Early Convolutions Help Transformers See
+    Better"): a stride-1 3x3 convolution, then one stride-2 3x3 convolution per halving of
+    the resolution (``log2(patch_size)`` of them), each with BatchNorm and GELU, and a 1x1
+    convolution to ``embed_dim``. Its overlapping receptive fields add the locality a
+    transformer otherwise learns from data, which helps most when images are few.
+    """
+
+    def __init__(
+        self,
+        patch_size: int,
+        in_chans: int,
+        embed_dim: int,
+        norm: bool = True,
+        stem: Stem = "patch",
+    ):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.in_chans = in_chans
+        if stem == "conv":
+            layers, channels = [], in_chans
+            widths = [embed_dim // 2] + [embed_dim] * int(math.log2(patch_size))
+            for i, width in enumerate(widths):
+                layers += [
+                    nn.Conv2d(channels, width, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.GELU(),
+                ]
+                channels = width
+            self.stem = nn.Sequential(*layers)
+            self.proj = nn.Conv2d(channels, embed_dim, kernel_size=1)
+        else:
+            self.stem = nn.Identity()
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dim) if norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +115,7 @@ class PatchEmbed(nn.Module):
                 f"input of {H}x{W} pixels is not divisible by patch_size={self.patch_size}; "
                 f"use an image size that is a multiple of {self.patch_size}"
             )
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        return self.norm(self.proj(self.stem(x)).permute(0, 2, 3, 1))
 
 
 class PatchMerging(nn.Module):
@@ -538,6 +571,10 @@ class SwinTransformer(nn.Module):
             pretrained at, one per stage or one for all (0: the model's own window). Set it
             when fine-tuning at a larger window, as Swin V2 does (12 -> 16 or 24).
         patch_norm: LayerNorm after the patch embedding.
+        stem: 'patch' (the paper's linear embedding of non-overlapping patches) or 'conv'
+            (3x3 convolutions with BatchNorm down to the patch grid; patch_size a power
+            of 2). The conv stem helps on small datasets; pretrained weights of the
+            official, timm and torchvision models use 'patch'.
         grad_checkpointing: Recompute blocks in the backward pass to save activation memory.
         pad_windows: Zero-pad a stage resolution the window does not tile (False: reject
             such an img_size at construction, as the paper's classification code does).
@@ -567,13 +604,14 @@ class SwinTransformer(nn.Module):
         patch_norm: bool = True,
         grad_checkpointing: bool = False,
         pad_windows: bool = True,
+        stem: Stem = "patch",
     ):
         super().__init__()
         img_size = _pair(img_size)
         depths, num_heads = list(depths), list(num_heads)
         validate_architecture(
             img_size, patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio,
-            drop_rate, attn_drop_rate, drop_path_rate, pos_embed, pad_windows,
+            drop_rate, attn_drop_rate, drop_path_rate, pos_embed, pad_windows, stem,
         )  # fmt: skip
         pretrained_windows = validate_v2_switches(
             len(depths), pos_embed, attention, block_norm, merge_norm, pretrained_window_size
@@ -584,7 +622,7 @@ class SwinTransformer(nn.Module):
         self.pad_windows = pad_windows
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm, stem)
         grid = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.patch_grid = grid
         if "abs" in pos_embed:
@@ -727,8 +765,16 @@ def validate_architecture(
     drop_path_rate: float,
     pos_embed: str,
     pad_windows: bool = True,
+    stem: str = "patch",
 ) -> None:
     """Reject inconsistent settings before any weight is built, naming the setting at fault."""
+    if stem not in STEM_CHOICES:
+        raise ValueError(f"stem={stem!r} is not one of {', '.join(STEM_CHOICES)}")
+    if stem == "conv" and (patch_size < 1 or patch_size & (patch_size - 1)):
+        raise ValueError(
+            f"stem='conv' halves the resolution with stride-2 convolutions, so patch_size "
+            f"must be a power of 2 (1, 2, 4, 8, ...), got {patch_size}; or use stem='patch'"
+        )
     if patch_size <= 0 or any(s <= 0 for s in img_size):
         raise ValueError(f"img_size={img_size} and patch_size={patch_size} must be positive")
     if img_size[0] % patch_size or img_size[1] % patch_size:
