@@ -95,8 +95,16 @@ class SaveRunConfig(SaveConfigCallback):
     on_validation_start = on_test_start = on_predict_start = _write_once
 
 
-def check_config_files(args: list[str]) -> None:
-    """Each ``--config FILE`` exists and holds a YAML mapping; else ValueError naming it."""
+PRETRAINING_MODELS = ("swin_lightning.simmim.SimMIM", "swin_lightning.SimMIM", "SimMIM")
+
+
+def check_config_files(args: list[str]) -> str | None:
+    """Each ``--config FILE`` exists and holds a YAML mapping; else ValueError naming it.
+
+    Returns the ``model.class_path`` the configs set (the last one wins), or None: the
+    classifier, whose configs give its arguments directly under ``model``.
+    """
+    class_path = None
     for i, arg in enumerate(args):
         if arg in ("--config", "-c") and i + 1 < len(args):
             value = args[i + 1]
@@ -124,11 +132,23 @@ def check_config_files(args: list[str]) -> None:
                 f"--config {value} is {kind}, not a mapping of settings; a config looks like "
                 "'trainer: {max_epochs: 2}' (see configs/demo.yaml)"
             )
+        model = content.get("model")
+        if isinstance(model, dict) and "class_path" in model:
+            class_path = model["class_path"]
+            if class_path not in PRETRAINING_MODELS:
+                raise ValueError(
+                    f"--config {value}: model.class_path={class_path!r} is not a model of "
+                    f"this project; the classifier takes its settings directly under 'model:' "
+                    f"(see configs/demo.yaml), and SimMIM pretraining is 'class_path: "
+                    f"{PRETRAINING_MODELS[0]}' (see configs/simmim/pretrain_demo.yaml)"
+                )
+    return class_path
 
 
 def require_weights(config, subcommand: str) -> None:
     """validate/test/predict need trained weights, unless ``allow_random_weights``."""
-    if config.get("ckpt_path") or config.model.get("pretrained"):
+    model = config.model.get("init_args") or config.model  # SimMIM: a class_path/init_args
+    if config.get("ckpt_path") or model.get("pretrained"):
         return
     if config.get("allow_random_weights"):
         return
@@ -246,12 +266,15 @@ class SwinCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data decides image size and class count; the model is built to match.
+        pretraining = self.subclass_mode_model  # SimMIM: model.class_path + init_args
+        net = "model.init_args.net" if pretraining else "model.net"
         parser.link_arguments(
-            "data.image_size", "model.net.init_args.img_size", apply_on="instantiate"
+            "data.image_size", f"{net}.init_args.img_size", apply_on="instantiate"
         )
-        parser.link_arguments(
-            "data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate"
-        )
+        if not pretraining:  # SimMIM builds no classification head
+            parser.link_arguments(
+                "data.num_classes", f"{net}.init_args.num_classes", apply_on="instantiate"
+            )
         parser.set_defaults(TRAINER_DEFAULTS)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -265,6 +288,14 @@ class SwinCLI(LightningCLI):
                 "checkpoint.enable_version_counter": False,
             }
         )
+        if pretraining:  # no accuracy: keep the checkpoints of lowest reconstruction loss
+            parser.set_defaults(
+                {
+                    "checkpoint.monitor": "val/loss",
+                    "checkpoint.mode": "min",
+                    "checkpoint.filename": "epoch{epoch:03d}-loss_{val/loss:.4f}",
+                }
+            )
         parser.add_lightning_class_args(StepCheckpoint, "step_checkpoint")
         parser.add_lightning_class_args(NonFiniteLossGuard, "nan_guard")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
@@ -432,13 +463,16 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> SwinCLI:
     """
     quiet_adverts()
     try:
-        check_config_files(sys.argv[1:] if args is None else list(args))
+        pretraining = check_config_files(sys.argv[1:] if args is None else list(args)) is not None
     except ValueError as err:
         _exit_on_input_error(err)
+    if pretraining:
+        from swin_lightning.simmim import SimMIM
     try:
         return SwinCLI(
-            SwinClassifier,
+            SimMIM if pretraining else SwinClassifier,
             ClassificationDataModule,
+            subclass_mode_model=pretraining,
             subclass_mode_data=True,
             auto_configure_optimizers=False,
             save_config_callback=SaveRunConfig,

@@ -81,7 +81,63 @@ def _unset_arguments(factory: Callable, names: tuple[str, ...]) -> list[str]:
     return [n for n in names if n in params and params[n].default in (-1, None)]
 
 
-class SwinClassifier(L.LightningModule):
+def set_flops(module: L.LightningModule, stage: str) -> None:
+    """``forward_flops`` of the network for one image and ``flops_per_batch``, which
+    ThroughputMonitor reads to log FLOP/s (a backward costs about twice the forward)."""
+    net = module.net
+    module.forward_flops = count_flops(net, (net.patch_embed.in_chans, *net.img_size))
+    batch_size = getattr(module.trainer.datamodule, "batch_size", 1)
+    module.flops_per_batch = (3 if stage == "fit" else 1) * module.forward_flops * batch_size
+
+
+class StepScheduledOptimization:
+    """``configure_optimizers`` for the project's LightningModules: the optimizer over
+    ``parameter_groups()``, optional linear LR scaling, and an LR schedule stepped every
+    optimizer step with its ``total_steps`` and ``steps_per_epoch`` filled in from the
+    trainer. Expects ``optimizer_factory``, ``scheduler_factory`` and the hyperparameter
+    ``lr_scale_batch_size``."""
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def lr_scale(self) -> float:
+        """Factor for linear LR scaling: global batch / lr_scale_batch_size (1 if off)."""
+        base = self.hparams.lr_scale_batch_size
+        if base is None:
+            return 1.0
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if batch_size is None:
+            raise ValueError("lr_scale_batch_size needs a data module with a batch_size")
+        trainer = self.trainer
+        global_batch = batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        return global_batch / base
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        scale = self.lr_scale()
+        # Scaled before the schedule is built: its factors multiply each group's initial lr.
+        for group in optimizer.param_groups:
+            group["lr"] *= scale * group.get("lr_scale", 1.0)
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        batches = self.trainer.num_training_batches
+        accumulate = self.trainer.accumulate_grad_batches
+        steps_per_epoch = max(1, -(-int(batches) // accumulate)) if batches != float("inf") else 1
+        context = {
+            "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch,
+            "lr_scale": scale,
+        }
+        unset = _unset_arguments(self.scheduler_factory, tuple(context))
+        scheduler = self.scheduler_factory(optimizer, **{k: context[k] for k in unset})
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+
+class SwinClassifier(StepScheduledOptimization, L.LightningModule):
     """Image classification with a Swin Transformer.
 
     Args:
@@ -226,11 +282,7 @@ class SwinClassifier(L.LightningModule):
         return self.net(x)
 
     def setup(self, stage: str) -> None:
-        # Read by ThroughputMonitor to log FLOP/s; a backward costs about twice the forward.
-        in_chans = self.net.patch_embed.in_chans
-        self.forward_flops = count_flops(self.net, (in_chans, *self.net.img_size))
-        batch_size = getattr(self.trainer.datamodule, "batch_size", 1)
-        self.flops_per_batch = (3 if stage == "fit" else 1) * self.forward_flops * batch_size
+        set_flops(self, stage)
 
     def on_fit_start(self) -> None:
         # Model size in the run's own logs, so reports can be built from event files alone.
@@ -280,45 +332,10 @@ class SwinClassifier(L.LightningModule):
         self.log(f"{stage}/loss", loss, on_step=train, on_epoch=not train, sync_dist=not train)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
 
-    # ------------------------------------------------------------------ optimisation
-    def lr_scale(self) -> float:
-        """Factor for linear LR scaling: global batch / lr_scale_batch_size (1 if off)."""
-        base = self.hparams.lr_scale_batch_size
-        if base is None:
-            return 1.0
-        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
-        if batch_size is None:
-            raise ValueError("lr_scale_batch_size needs a data module with a batch_size")
-        trainer = self.trainer
-        global_batch = batch_size * trainer.world_size * trainer.accumulate_grad_batches
-        return global_batch / base
-
-    def configure_optimizers(self):
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """No weight decay on norms, biases and position tables; layer-wise LR decay if set."""
         keywords = self.net.no_weight_decay_keywords()
         layer_decay = self.hparams.get("layer_decay")
         if layer_decay is None:
-            groups = weight_decay_groups(self.net, keywords)
-        else:
-            groups = layer_decay_groups(self.net, layer_decay, keywords)
-        optimizer = self.optimizer_factory(groups)
-        scale = self.lr_scale()
-        # Scaled before the schedule is built: its factors multiply each group's initial lr.
-        for group in optimizer.param_groups:
-            group["lr"] *= scale * group.get("lr_scale", 1.0)
-        if self.scheduler_factory is None:
-            return optimizer
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        batches = self.trainer.num_training_batches
-        accumulate = self.trainer.accumulate_grad_batches
-        steps_per_epoch = max(1, -(-int(batches) // accumulate)) if batches != float("inf") else 1
-        context = {
-            "total_steps": total_steps,
-            "steps_per_epoch": steps_per_epoch,
-            "lr_scale": scale,
-        }
-        unset = _unset_arguments(self.scheduler_factory, tuple(context))
-        scheduler = self.scheduler_factory(optimizer, **{k: context[k] for k in unset})
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
+            return weight_decay_groups(self.net, keywords)
+        return layer_decay_groups(self.net, layer_decay, keywords)

@@ -44,6 +44,9 @@ def test_configs_found():
     assert {"ablations/no_shift.yaml", "trainer/fast_dev_run.yaml", "trainer/ddp.yaml"} <= names
     assert {"trainer/fsdp.yaml", "trainer/ddp_cpu.yaml", "trainer/multinode.yaml"} <= names
     assert {"finetune/swin_t_384.yaml", "finetune/imagenet_to_cifar10.yaml"} <= names
+    assert {
+        f"simmim/{p}_{d}.yaml" for p in ("pretrain", "finetune") for d in ("demo", "swin_t")
+    } <= names
 
 
 @pytest.mark.parametrize("config", COMPLETE, ids=config_id)
@@ -52,7 +55,8 @@ def test_complete_config_parses(config, tmp_path, capsys):
         run_cli("fit", "--config", str(config), *data_args(config, tmp_path), "--print_config")
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["net"]["class_path"] == "swin_lightning.models.SwinTransformer"
+    model = printed["model"].get("init_args", printed["model"])  # SimMIM: class_path + init_args
+    assert model["net"]["class_path"] == "swin_lightning.models.SwinTransformer"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=config_id)
@@ -130,7 +134,8 @@ IMAGENET = [p for p in COMPLETE if config_id(p).startswith("imagenet")]
 def test_fast_dev_run(config, in_tmp):
     cli = _fast_dev_run(config, in_tmp)
     data = cli.datamodule
-    assert cli.model.net.num_classes == data.num_classes
+    pretraining = "class_path" in yaml.safe_load(config.read_text())["model"]
+    assert cli.model.net.num_classes == (0 if pretraining else data.num_classes)
     assert cli.model.net.img_size == (data.image_size, data.image_size)
 
 
@@ -146,7 +151,14 @@ def test_fast_dev_run_imagenet_recipes(config, in_tmp):
 def test_fast_dev_run_finetune_recipes(config, in_tmp):
     # Stand-in for the ImageNet Swin-T weights the configs expect: same shapes, random values.
     weights = in_tmp / "swin_tiny_patch4_window7_224.pth"
-    torch.save(create_model("swin_t", num_classes=1000).state_dict(), weights)
+    if "simmim" in config_id(config):  # a SimMIM encoder: 192 px, window 6, no head
+        weights = in_tmp / "simmim_swin_t.ckpt"
+        encoder = create_model("swin_t", img_size=192, window_size=6, num_classes=0)
+        state = {f"net.{k}": v for k, v in encoder.state_dict().items()}
+        state["mask_token"] = torch.zeros(1, 1, 1, 96)
+        torch.save({"state_dict": state}, weights)
+    else:
+        torch.save(create_model("swin_t", num_classes=1000).state_dict(), weights)
     cli = _fast_dev_run(
         config, in_tmp, f"--model.pretrained={weights}", "--data.init_args.image_size=64"
     )

@@ -29,7 +29,10 @@ WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 _DERIVED_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask")
 # Containers that training scripts wrap state dicts in (official: "model", Lightning: "state_dict").
 _WRAPPER_KEYS = ("state_dict", "model", "model_ema", "state_dict_ema")
-_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "net.", "encoder.")
+# SimMIM's pretraining-only parts (ours: net./mask_token/decoder., the official code's:
+# encoder./encoder.mask_token/decoder.): dropped, the encoder is what fine-tuning loads.
+_PRETRAINING_ONLY = re.compile(r"^(?:decoder\.|(?:\w+\.)?mask_token$)")
 _HEAD_KEYS = ("head.weight", "head.bias")
 
 
@@ -44,8 +47,8 @@ class LoadReport:
         resized: Keys resized with bicubic interpolation to the model's shape (relative
             position bias tables for another window size, the absolute position embedding
             for another patch grid), with their shapes.
-        reinitialized: Keys of the checkpoint's head, dropped because the class count differs:
-            the model's head keeps its fresh initialisation.
+        reinitialized: Head keys left at the model's fresh initialisation: the checkpoint's
+            class count differs, or it has no head (a SimMIM encoder).
     """
 
     layout: str
@@ -66,7 +69,7 @@ class LoadReport:
             lines.append(f"resized (bicubic) to the model ({len(self.resized)}): {shapes}")
         if self.reinitialized:
             lines.append(
-                f"head left at its fresh init, the class count differs "
+                f"head left at its fresh init (another class count, or no head) "
                 f"({len(self.reinitialized)}): {', '.join(self.reinitialized)}"
             )
         if self.missing:
@@ -110,7 +113,11 @@ def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
         if inner is None:
             break
         obj = inner
-    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    state = {
+        k: v
+        for k, v in obj.items()
+        if isinstance(v, torch.Tensor) and not _PRETRAINING_ONLY.match(k)
+    }
     for prefix in _WRAPPER_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
@@ -281,6 +288,8 @@ def load_pretrained(
         state = trim(state)
     expected = model.state_dict()
     resized, reinitialized = _adapt(state, model, expected) if adapt else ({}, [])
+    if adapt and not any(k in state for k in _HEAD_KEYS):  # a headless encoder (SimMIM)
+        reinitialized = sorted({*reinitialized, *(k for k in _HEAD_KEYS if k in expected)})
     mismatched = shape_mismatches(state, expected)
     if mismatched:
         hint = (
