@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from timm.models.swin_transformer import SwinTransformer as TimmSwin
 
 from swin_lightning.models import SwinTransformer, load_pretrained
@@ -28,8 +29,10 @@ def bicubic_table(table: torch.Tensor, window: int) -> torch.Tensor:
     return out.reshape(heads, -1).T
 
 
-def test_timm_weights_fine_tune_through_cli(tmp_path, in_tmp, caplog):
-    """timm Swin (window 7, 1000 classes) -> this model (window 8, 3 classes), one step."""
+def test_timm_weights_fine_tune_through_cli(tmp_path, in_tmp, caplog, capsys):
+    """timm Swin (window 7, 1000 classes) -> this model (window 8, 3 classes), one step.
+
+    The recipe's conv stem cannot take released weights: the error says which key to set."""
     torch.manual_seed(0)
     source = TimmSwin(
         img_size=56, patch_size=4, window_size=7, embed_dim=24, depths=(2, 2),
@@ -49,8 +52,13 @@ def test_timm_weights_fine_tune_through_cli(tmp_path, in_tmp, caplog):
         "--model.lr_scale_batch_size=8",
         "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", *QUIET,
     ]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*args, run=False)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "patch_embed.proj.weight" in err and "set model.net.stem: patch" in err
     with caplog.at_level(logging.WARNING, logger="swin_lightning.models.pretrained"):
-        cli = run_cli(*args, run=False)
+        cli = run_cli(*args, "--model.net.stem=patch", run=False)
     net = cli.model.net
     report = cli.model.pretrained_report
 
@@ -75,10 +83,14 @@ def test_timm_weights_fine_tune_through_cli(tmp_path, in_tmp, caplog):
     assert cli.trainer.global_step == 1
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     # Layer decay and linear scaling (batch 4 / 8) are in the rate each schedule multiplies.
+    base_lr = cli.config.model.optimizer.init_args.lr
+    assert base_lr == yaml.safe_load((CONFIGS / "imagefolder.yaml").read_text())["model"][
+        "optimizer"
+    ]["init_args"]["lr"]
     groups = cli.trainer.optimizers[0].param_groups
     assert len({g["lr_scale"] for g in groups}) == 6  # stem, 4 blocks, head
     for group in groups:
-        assert group["initial_lr"] == pytest.approx(0.002 * 0.5 * group["lr_scale"])
+        assert group["initial_lr"] == pytest.approx(base_lr * 0.5 * group["lr_scale"])
 
 
 def _small_net(img_size: int, **kwargs) -> SwinTransformer:

@@ -298,6 +298,14 @@ def load_pretrained(
             else "\n(fine-tuning to another window size, image size or class count: "
             "adapt=True resizes position tables and replaces the head)"
         )
+        stem = getattr(model, "patch_embed", None)
+        if any(m.startswith("patch_embed.") for m in mismatched) and not isinstance(
+            getattr(stem, "stem", nn.Identity()), nn.Identity
+        ):
+            hint += (
+                "\n(the model has stem: conv; released weights have the paper's patch "
+                "embedding: set model.net.stem: patch to load them)"
+            )
         raise ValueError(
             f"checkpoint ({layout} layout) does not fit the model; mismatched shapes:\n  "
             + "\n  ".join(mismatched)
