@@ -91,7 +91,9 @@ def test_preemption_requeue_limit_and_retry(slurm, tmp_path):
     failed, while the other run finishes. --retry_failed resumes it to the end. No step is
     lost or repeated in either run."""
     spec = write_spec(tmp_path, "preempt", {"shift": [SHIFT], "no_shift": [NO_SHIFT]})
-    longer = [*TINY, "trainer.max_epochs=6", "data.init_args.train_size=960",
+    # 360 steps (about a minute): SLURM preempts the two tasks up to ~15 s apart, and the
+    # second must still be training when its turn comes (at 180 steps it once was not).
+    longer = [*TINY, "trainer.max_epochs=6", "data.init_args.train_size=1920",
               "step_checkpoint.every_n_train_steps=5", "attention_images.every_n_epochs=100"]  # fmt: skip
     args = ["--config", BASE, spec, "--log_dir", str(tmp_path), *longer,
             *slurm_args("--cpus_per_task", "1", "--max_requeues", "1")]  # fmt: skip
@@ -111,7 +113,7 @@ def test_preemption_requeue_limit_and_retry(slurm, tmp_path):
     assert main([*args, "--retry_failed"]) == 0
     statuses = wait_until(exp_dir, lambda ss: all(s.state == "finished" for s in ss))
     assert [s.attempts for s in statuses] == [3, 2]
-    total = 6 * 960 // 32
+    total = 6 * 1920 // 32
     for s in statuses:
         log = (s.run.dir / "fit.log").read_text()
         assert "torch threads: 1," in log  # the task's one CPU (SLURM_CPUS_PER_TASK)
