@@ -298,10 +298,8 @@ def load_pretrained(
             else "\n(fine-tuning to another window size, image size or class count: "
             "adapt=True resizes position tables and replaces the head)"
         )
-        stem = getattr(model, "patch_embed", None)
-        if any(m.startswith("patch_embed.") for m in mismatched) and not isinstance(
-            getattr(stem, "stem", nn.Identity()), nn.Identity
-        ):
+        conv_stem = isinstance(getattr(model.patch_embed, "stem", None), nn.Sequential)
+        if conv_stem and any(m.startswith("patch_embed.") for m in mismatched):
             hint += (
                 "\n(the model has stem: conv; released weights have the paper's patch "
                 "embedding: set model.net.stem: patch to load them)"
