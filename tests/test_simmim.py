@@ -178,3 +178,27 @@ def test_official_simmim_checkpoint_loads_with_window_transfer():
     torch.testing.assert_close(
         model.layers[2].blocks[3].mlp.fc1.weight, pretrained.layers[2].blocks[3].mlp.fc1.weight
     )
+
+
+def test_imagefolder_pretraining_encoder_loads_into_the_recipe():
+    """configs/simmim/pretrain_imagefolder.yaml repeats the encoder of configs/imagefolder.yaml:
+    its weights must load into the recipe's classifier with nothing resized or missing."""
+    import yaml
+
+    def net(path, *keys):
+        section = yaml.safe_load(path.read_text())["model"]
+        for key in keys:
+            section = section[key]
+        return section
+
+    encoder = SwinTransformer(
+        img_size=32, num_classes=0, **net(CONFIGS / "simmim" / "pretrain_imagefolder.yaml",
+                                          "init_args", "net"),
+    )  # fmt: skip
+    classifier = SwinTransformer(img_size=32, num_classes=10, **net(CONFIGS / "imagefolder.yaml",
+                                                                    "net"))  # fmt: skip
+    report = load_pretrained(classifier, encoder.state_dict(), adapt=True)
+    assert report.missing == [] and report.unexpected == [] and report.resized == {}
+    assert report.reinitialized == ["head.bias", "head.weight"]
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(classifier.state_dict()[key], value), key
