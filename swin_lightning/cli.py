@@ -253,6 +253,22 @@ def _exit_on_input_error(err: BaseException) -> None:
     raise SystemExit(1 if isinstance(err, WriteError | PartialPredictionError) else 2) from err
 
 
+def finish_logger_runs(trainer: Trainer | None, failed: bool) -> None:
+    """Finish the W&B run of each ``WandbLogger`` this command started.
+
+    W&B holds an offline run's history in memory until the run finishes (the run file is its
+    7-byte header until then), and Lightning leaves the run open. One command is one run, so it
+    ends with the command: its files are complete when ``cli_main`` returns, in-process too,
+    and a later command in the same process starts a new run instead of reusing this one.
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers if trainer is not None else ():
+        run = getattr(logger, "_experiment", None) if isinstance(logger, WandbLogger) else None
+        if run is not None:
+            run.finish(exit_code=1 if failed else 0)
+
+
 def _batches_started(trainer: Trainer | None) -> bool:
     if trainer is None:
         return False
@@ -338,7 +354,7 @@ class SwinCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         # Data setup, checkpoint loading and optimizer checks fail before the first batch.
-        started = False
+        started = completed = False
         if os.environ.get(LAUNCHER_ENV):  # a run of `ablate`: say what it was given
             import torch
 
@@ -348,7 +364,7 @@ class SwinCLI(LightningCLI):
                   file=sys.stderr, flush=True)  # fmt: skip
         try:
             super()._run_subcommand(subcommand)
-            started = True
+            started = completed = True
         except SIGTERMException:
             started = True
             stop = next((c for c in self.trainer.callbacks if isinstance(c, StepCheckpoint)), None)
@@ -363,6 +379,7 @@ class SwinCLI(LightningCLI):
             started = True
             raise
         finally:
+            finish_logger_runs(getattr(self, "trainer", None), failed=not completed)
             self._leave_run_folder(abandon=not started)
 
     def _parse_ckpt_path(self) -> None:

@@ -67,19 +67,25 @@ def test_wandb_offline_run_files_hold_the_metrics(in_tmp, monkeypatch):
     try:
         cli = _fit("--config", str(LOGGERS / "wandb.yaml"),
                    f"--trainer.logger.init_args.save_dir={in_tmp / 'wb'}")  # fmt: skip
+        # The command finished its run: no open run is left for the next one to reuse, and
+        # the run file is complete now, not only when the process exits.
+        assert wandb.run is None
+        (run_dir,) = (in_tmp / "wb" / "wandb").glob("offline-run-*")
+        (run_file,) = run_dir.glob("run-*.wandb")  # what `wandb sync` uploads
+        records = wandb_records(run_file)
     finally:
-        wandb.finish()
-    (run_dir,) = (in_tmp / "wb" / "wandb").glob("offline-run-*")
-    (run_file,) = run_dir.glob("run-*.wandb")  # what `wandb sync` uploads
-    history = [item for item in wandb_history(run_file) if "val/acc1" in item]
+        wandb.finish()  # a failed assertion above must not leave a run open for other tests
+    history = [item for kind, item in records if kind == "history" and "val/acc1" in item]
     assert [int(h["epoch"]) for h in history] == [0, 1]
     final = float(cli.trainer.callback_metrics["val/acc1"])
     assert json.loads(history[-1]["val/acc1"]) == pytest.approx(final)
+    assert [item for kind, item in records if kind == "exit"] == [{"exit_code": "0"}]
 
 
-def wandb_history(path: Path) -> list[dict[str, str]]:
-    """The history rows of a W&B run file (LevelDB-log framing: 7-byte file header, 32 KiB
-    blocks, records of checksum(4) length(2) type(1) data; types 1 full, 2-4 split)."""
+def wandb_records(path: Path) -> list[tuple[str, dict[str, str]]]:
+    """The history rows and exit records of a W&B run file, in order (LevelDB-log framing:
+    7-byte file header, 32 KiB blocks, records of checksum(4) length(2) type(1) data; types
+    1 full, 2-4 split)."""
     from wandb.proto import wandb_internal_pb2
 
     data = path.read_bytes()
@@ -99,7 +105,10 @@ def wandb_history(path: Path) -> list[dict[str, str]]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(buf)
             buf = b""
-            if record.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): i.value_json
-                             for i in record.history.item})  # fmt: skip
+            which = record.WhichOneof("record_type")
+            if which == "history":
+                rows.append(("history", {i.key or "/".join(i.nested_key): i.value_json
+                                         for i in record.history.item}))  # fmt: skip
+            elif which == "exit":
+                rows.append(("exit", {"exit_code": str(record.exit.exit_code)}))
     return rows
