@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format fit ablate bench tensorboard clean
+.PHONY: install test lint format fit ablate bench tensorboard wheelhouse gpu-check clean
 
 install: $(STAMP)
 
@@ -38,9 +38,24 @@ ablate: install
 bench: install
 	$(BIN)/python -m swin_lightning bench --out docs/benchmarks.md
 
+# Wheels for a GPU node without network (Python 3.12, manylinux x86-64): what a bare GPU image
+# lacks to run the GPU check (scripts/gpu_wheels.txt), into .whl/. Needs the package index.
+WHEEL_PLATFORMS := $(foreach p,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(p)_x86_64)
+wheelhouse:
+	rm -rf .whl.tmp
+	$(PYTHON) -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
+		--python-version 3.12 --implementation cp $(WHEEL_PLATFORMS) \
+		-d .whl.tmp -r scripts/gpu_wheels.txt
+	rm -rf .whl && mv .whl.tmp .whl
+	@ls .whl
+
+# On a GPU machine (no network needed; carries .whl/ if it is there): tests, bench, a fit.
+gpu-check:
+	bash scripts/gpu_check.sh gpu_report
+
 tensorboard: install
 	$(BIN)/tensorboard --logdir logs --host 127.0.0.1
 
 clean:
-	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
+	rm -rf .pytest_cache .ruff_cache build dist *.egg-info .whl.tmp
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +

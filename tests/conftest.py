@@ -64,6 +64,31 @@ def run_cli(*args: str, run: bool = True):
     return cli_main([*args, *QUIET], run=run) if run else cli_main(list(args), run=False)
 
 
+def cuda_missing_reason() -> str | None:
+    """Why the ``gpu`` tests cannot run here (None: a CUDA device is visible)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    return (
+        f"gpu: no CUDA device visible (torch {torch.__version__}, {build}); "
+        "scripts/gpu_check.sh runs these on a GPU machine"
+    )
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Everything under tests/gpu/ is marked ``gpu``; ``gpu`` tests skip, with the reason,
+    where no CUDA device is visible (``pytest -m gpu`` selects them)."""
+    gpu_dir = Path(__file__).resolve().parent / "gpu"
+    reason = cuda_missing_reason()
+    for item in items:
+        if gpu_dir in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.gpu)
+        if reason and item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run in a temporary folder, so logs/ and checkpoints land there."""

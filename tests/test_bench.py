@@ -59,8 +59,10 @@ def test_bench_quick_writes_report(tmp_path):
         "## 4. Input pipeline",
         "## 6. torch.compile (eager;",
         "## 7. Where a train step's time goes",
+        "## 8. GPU: bf16 training and inference",
     ):
         assert heading in text
+    assert "Not run: it needs a CUDA device" in text  # the GPU rows: scripts/gpu_check.sh
     results = json.loads((out.parent / "bench_results.json").read_text())
     impls = {(r["shape"], r["impl"]) for r in results["models"]}
     assert {

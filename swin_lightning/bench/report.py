@@ -225,6 +225,29 @@ def table_breakdown(args: argparse.Namespace, out_dir: Path) -> tuple[list[str],
     return md, breakdown
 
 
+def table_gpu(args: argparse.Namespace, out_dir: Path) -> tuple[list[str], Any]:
+    from swin_lightning.bench.gpu import bench_gpu, gpu_table
+
+    heading = "## 8. GPU: bf16 training and inference against timm and torchvision"
+    if args.device != "cuda":
+        return [heading, "", "Not run: it needs a CUDA device (`--device cuda`)."], []
+    peak = peak_tflops(args.device, args.peak_tflops)
+    train_batch, infer_batch = (32, 64) if args.quick else (128, 256)
+    rows = bench_gpu(args.device, train_batch=train_batch, infer_batch=infer_batch,
+                     rounds=3 if args.quick else 7, budget_s=args.gpu_budget_s, peak=peak)  # fmt: skip
+    md = [
+        heading,
+        "",
+        f"Training batch {train_batch} (forward + backward), inference batch {infer_batch}, "
+        "bf16 autocast; warm-up: the first train step and inference from cold, compile "
+        "included. Ratio: the row's images/s over timm's."
+        + (f" MFU: model FLOPs (3x forward) x images/s / {peak:g} TFLOP/s." if peak else ""),
+        "",
+        *gpu_table(rows),
+    ]
+    return md, rows
+
+
 # Table number -> (results key in bench_results.json, function writing it).
 TABLES: dict[int, tuple[str, Callable[[argparse.Namespace, Path], tuple[list[str], Any]]]] = {
     1: ("models", table_models),
@@ -234,6 +257,7 @@ TABLES: dict[int, tuple[str, Callable[[argparse.Namespace, Path], tuple[list[str
     5: ("attention", table_attention),
     6: ("compile", table_compile),
     7: ("breakdown", table_breakdown),
+    8: ("gpu", table_gpu),
 }
 _HEADING = re.compile(r"^## (\d+)\. ", re.MULTILINE)
 
@@ -300,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(TABLES),
         default=None,
         help="run only these tables and replace them in an existing report (default: all)",
+    )
+    parser.add_argument(
+        "--gpu_budget_s",
+        type=float,
+        default=240.0,
+        help="table 8: start no new case (most are compiles) after this many seconds",
     )
     args = parser.parse_args(argv)
     args.command = "python -m swin_lightning bench " + " ".join(
