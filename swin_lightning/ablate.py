@@ -27,7 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from swin_lightning.report import SETTINGS, write_report
+from swin_lightning.protocol import SETTINGS
+from swin_lightning.report import write_report
 from swin_lightning.runs.attempt import RunOutcome
 from swin_lightning.runs.launchers import (
     LocalLauncher,

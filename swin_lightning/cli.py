@@ -28,13 +28,11 @@ from swin_lightning.callbacks import (
     PartialPredictionError,
     PredictionCSVWriter,
     WindowAttentionImages,
-    trial_pruning_from_env,
 )
 from swin_lightning.data import ClassificationDataModule
 from swin_lightning.module import SwinClassifier
+from swin_lightning.protocol import LAUNCHER_ENV, SIGINT_EXIT_CODE, SIGTERM_EXIT_CODE
 from swin_lightning.resilience import (
-    SIGINT_EXIT_CODE,
-    SIGTERM_EXIT_CODE,
     CheckedCheckpointIO,
     NonFiniteLossGuard,
     Preflight,
@@ -427,6 +425,8 @@ class SwinCLI(LightningCLI):
         callbacks = config.get("callbacks") or []
         callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), ResumeState()]
         callbacks.append(Preflight())
+        from swin_lightning.runs.pruning import trial_pruning_from_env
+
         pruning = trial_pruning_from_env()  # a trial of `tune`: report to its study, prune
         if pruning is not None:
             callbacks.append(pruning)
@@ -472,6 +472,17 @@ def quiet_adverts() -> None:
     )
 
 
+def model_class_of(args: list[str]) -> type[LightningModule]:
+    """The LightningModule the configs of ``args`` ask for: SimMIM pretraining when one sets
+    ``model.class_path`` to it (given as a subclass), else the classifier. Checks the config
+    files first (:func:`check_config_files`)."""
+    if check_config_files(args) is None:
+        return SwinClassifier
+    from swin_lightning.simmim import SimMIM
+
+    return SimMIM
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> SwinCLI:
     """Run the CLI; ``args`` as on the command line (None: ``sys.argv``).
 
@@ -480,16 +491,14 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> SwinCLI:
     """
     quiet_adverts()
     try:
-        pretraining = check_config_files(sys.argv[1:] if args is None else list(args)) is not None
+        model_class = model_class_of(sys.argv[1:] if args is None else list(args))
     except ValueError as err:
         _exit_on_input_error(err)
-    if pretraining:
-        from swin_lightning.simmim import SimMIM
     try:
         return SwinCLI(
-            SimMIM if pretraining else SwinClassifier,
+            model_class,
             ClassificationDataModule,
-            subclass_mode_model=pretraining,
+            subclass_mode_model=model_class is not SwinClassifier,
             subclass_mode_data=True,
             auto_configure_optimizers=False,
             save_config_callback=SaveRunConfig,
@@ -503,7 +512,6 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> SwinCLI:
 
 
 # Settings that say where a run writes, not what it computes: left out of its fingerprint.
-LAUNCHER_ENV = "SWIN_LIGHTNING_LAUNCHER"  # set by ablate's launchers for the runs they start
 VOLATILE_KEYS = (
     ("trainer", "logger"), ("trainer", "enable_progress_bar"), ("trainer", "default_root_dir"),
     ("checkpoint", "dirpath"), ("prediction_writer", "output"), ("seed_everything",),
@@ -524,12 +532,13 @@ def resolved_settings(args: list[str]) -> dict:
         def instantiate_classes(self) -> None:
             pass
 
-    check_config_files(args)
+    model_class = model_class_of(args)  # SimMIM configs too (a campaign over pretraining)
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
             cli = _ParseOnly(
-                SwinClassifier, ClassificationDataModule, subclass_mode_data=True,
+                model_class, ClassificationDataModule,
+                subclass_mode_model=model_class is not SwinClassifier, subclass_mode_data=True,
                 auto_configure_optimizers=False, seed_everything_default=42, args=args,
                 run=False,
             )  # fmt: skip

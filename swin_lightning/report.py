@@ -21,11 +21,10 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from swin_lightning.protocol import FINISHED, SETTINGS
 from swin_lightning.storage import atomic_open, save_figure, write_text
 
 VAL_ACC = "val/acc1"
-FINISHED = "finished.json"  # written by ablate when a run has finished, with its fingerprint
-SETTINGS = "settings.yaml"  # the resolved settings of a <variant>/<settings> folder
 
 
 class DamagedRunError(ValueError):
@@ -80,33 +79,43 @@ class RunResult:
         return self.val_acc1[-1]
 
 
-def _values(acc: EventAccumulator, tag: str) -> list[float]:
-    if tag not in acc.Tags().get("scalars", []):
-        return []
-    # One value per step; a resumed run may log a step twice: keep the latest.
-    by_step = {e.step: e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.wall_time)}
-    return [by_step[s] for s in sorted(by_step)]
+def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of a run folder's event files as ``(step, value)`` pairs by step,
+    one value per step (a resumed run may log a step twice: the latest wins). The one
+    TensorBoard reader of the package; a damaged event file raises :class:`DamagedRunError`.
+    """
+    for events in sorted(Path(run_dir).glob("events.out.tfevents.*")):
+        check_event_file(events)
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    series = {}
+    for tag in acc.Tags().get("scalars", []):
+        by_step = {e.step: e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.wall_time)}
+        series[tag] = sorted(by_step.items())
+    return series
+
+
+def scalar_values(series: dict[str, list[tuple[int, float]]], tag: str) -> list[float]:
+    """The values of one series of :func:`read_scalars`, in step order (none: empty)."""
+    return [value for _, value in series.get(tag, [])]
 
 
 def read_run(run_dir: Path, variant: str, seed: str) -> RunResult | None:
     """A run's figures, or None if it logged no validation top-1 yet; a damaged event file
     raises :class:`DamagedRunError`."""
-    for events in sorted(Path(run_dir).glob("events.out.tfevents.*")):
-        check_event_file(events)
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    val_acc1 = _values(acc, VAL_ACC)
+    series = read_scalars(run_dir)
+    val_acc1 = scalar_values(series, VAL_ACC)
     if not val_acc1:
         return None
-    params = _values(acc, "model/params")
-    gmacs = _values(acc, "model/gmacs")
-    speed = _values(acc, "train/device/samples_per_sec")
+    params = scalar_values(series, "model/params")
+    gmacs = scalar_values(series, "model/gmacs")
+    speed = scalar_values(series, "train/device/samples_per_sec")
     return RunResult(
         variant=variant,
         seed=seed,
         val_acc1=val_acc1,
-        val_loss=_values(acc, "val/loss"),
-        train_loss=_values(acc, "train/loss"),
+        val_loss=scalar_values(series, "val/loss"),
+        train_loss=scalar_values(series, "train/loss"),
         params=params[-1] if params else None,
         gmacs=gmacs[-1] if gmacs else None,
         samples_per_sec=statistics.median(speed) if speed else None,

@@ -32,11 +32,11 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from swin_lightning.protocol import CHECKPOINTS, LAST_CKPT
 from swin_lightning.storage import (
     RunLock,
     WriteError,
@@ -47,9 +47,7 @@ from swin_lightning.storage import (
     save_checkpoint,
 )
 
-LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION  # last.ckpt
-SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
-SIGINT_EXIT_CODE = 130  # 128 + SIGINT (Ctrl+C)
+LAST = LAST_CKPT  # ModelCheckpoint.CHECKPOINT_NAME_LAST + FILE_EXTENSION
 
 
 class CheckedCheckpointIO(TorchCheckpointIO):
@@ -107,7 +105,7 @@ def checkpoint_dir(trainer: L.Trainer) -> Path:
     callback = trainer.checkpoint_callback
     if callback is not None and callback.dirpath:
         return Path(callback.dirpath)
-    return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+    return Path(trainer.log_dir or trainer.default_root_dir) / CHECKPOINTS
 
 
 class StepCheckpoint(L.Callback):
@@ -436,14 +434,14 @@ def resolve_resume(config: Any, subcommand: str) -> Path | None:
             runs = [root / _run_dir_name(logger.version)]
         else:
             runs = sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
-        found = [r / "checkpoints" / LAST for r in runs if (r / "checkpoints" / LAST).exists()]
+        found = [r / CHECKPOINTS / LAST for r in runs if (r / CHECKPOINTS / LAST).exists()]
         if dirpath:
             found = [Path(dirpath) / LAST] if (Path(dirpath) / LAST).exists() else []
         if not found:
             if str(requested) == "auto":
                 config.ckpt_path = None
                 return None
-            where = Path(dirpath) if dirpath else (root or Path(".")) / "*" / "checkpoints"
+            where = Path(dirpath) if dirpath else (root or Path(".")) / "*" / CHECKPOINTS
             raise ValueError(
                 f"--ckpt_path last: no {LAST} under {where}. Start a new run without "
                 "--ckpt_path, pass a checkpoint file, or use --ckpt_path auto (resume when "
@@ -459,24 +457,12 @@ def resolve_resume(config: Any, subcommand: str) -> Path | None:
         return ckpt
     run = ckpt.resolve().parent.parent
     is_last = re.fullmatch(r"last(-v\d+)?\.ckpt", ckpt.name) is not None
-    if ckpt.parent.name == "checkpoints" and run.parent == root.resolve() and is_last:
+    if ckpt.parent.name == CHECKPOINTS and run.parent == root.resolve() and is_last:
         if logger.version is None:
             logger.version = run.name
         if _run_dir_name(logger.version) == run.name:
             logger.purge_step = step
             print(f"Resuming {ckpt} (step {step}), logging into {run}", file=sys.stderr)
-    return ckpt
-    run = ckpt.resolve().parent.parent
-    is_last = re.fullmatch(r"last(-v\d+)?\.ckpt", ckpt.name) is not None
-    if ckpt.parent.name == "checkpoints" and run.parent == root.resolve() and is_last:
-        if logger.version is None:
-            logger.version = run.name
-        if _run_dir_name(logger.version) == run.name:
-            step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-            logger.purge_step = int(step["global_step"])
-            print(
-                f"Resuming {ckpt} (step {logger.purge_step}), logging into {run}", file=sys.stderr
-            )
     return ckpt
 
 
@@ -501,10 +487,10 @@ def claim_run_folder(config: Any, subcommand: str) -> RunLock | None:
         folder = root / _run_dir_name(logger.version)
         _share_run_folder(config, logger)
     else:
-        folder = Path(config.trainer.get("default_root_dir") or ".") / "checkpoints"
+        folder = Path(config.trainer.get("default_root_dir") or ".") / CHECKPOINTS
     lock = RunLock(folder).acquire()
     lock.created = created
-    checkpoints = folder if dirpath or logger is None else folder / "checkpoints"
+    checkpoints = folder if dirpath or logger is None else folder / CHECKPOINTS
     if subcommand == "fit" and config.get("ckpt_path") is None:
         earlier = sorted(checkpoints.glob("*.ckpt")) if checkpoints.is_dir() else []
         if earlier:

@@ -28,9 +28,10 @@ from typing import IO, Any
 
 import torch
 
+from swin_lightning.protocol import LOCK_ENV
+
 LOCK_FILE = ".lock"
 # A launcher that holds a run's lock hands it to the run's process: "<fd>:<run folder>".
-LOCK_ENV = "SWIN_LIGHTNING_RUN_LOCK"
 TMP_SUFFIX = ".tmp"
 
 

@@ -9,7 +9,7 @@ in the study folder by default, Optuna's journal file for cluster file systems, 
 A worker asks the study for a trial, trains it as a normal run folder
 ``logs/<study>/trial_<n>`` (config, logs, checkpoints, run lock, settings fingerprint),
 reports val metrics per epoch to the study's pruner (:class:`~swin_lightning.callbacks.
-TrialPruning`), and tells the study the trial's best value. ``--parallel N`` runs N workers
+runs.pruning.TrialPruning`), and tells the study the trial's best value. ``--parallel N`` runs N workers
 here (each with its GPUs or share of the cores, as ``ablate``); ``--launcher slurm`` runs them
 as a SLURM job array. Killing ``tune`` and running it again continues the study: a trial
 whose run was interrupted is resumed from its ``last.ckpt`` under its own number, so no
@@ -32,31 +32,22 @@ from typing import Any
 
 import yaml
 
-from swin_lightning.callbacks import PRUNED, TRIAL_ENV
+from swin_lightning.protocol import PRUNED, SETTINGS
 from swin_lightning.runs import attempt
 from swin_lightning.runs.launchers import (
+    STOP_GRACE_S,
     LocalLauncher,
     SignalForwarder,
     add_launcher_flags,
     launcher_settings,
 )
+from swin_lightning.runs.pruning import TrialEnv, make_pruner, open_storage
 from swin_lightning.runs.search import SearchSpec
 from swin_lightning.runs.spec import LauncherSettings, cli_args
 from swin_lightning.runs.store import Run, fingerprint, read_json, read_status
 from swin_lightning.storage import RunBusyError, RunLock, WriteError, save_figure, write_text
 
 MANIFEST = "study.json"
-
-
-def open_storage(url: str) -> Any:
-    """An Optuna storage from a URL; ``journal:<file>`` is Optuna's journal file storage."""
-    import optuna
-
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-    return url
 
 
 def storage_url(spec: SearchSpec, study_dir: Path) -> str:
@@ -107,20 +98,6 @@ def enqueue_grid(spec: SearchSpec, study: Any, study_dir: Path) -> None:
                 study.enqueue_trial(params)
 
 
-def make_pruner(name: str) -> Any:
-    """The study's pruner; the trial's run builds the same one to decide (``should_prune``)."""
-    import optuna
-
-    pruners = {
-        # Not on the first epoch's validation: in these recipes it ends the warm-up, where
-        # every trial is still near chance and a ranking is noise.
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
-        "hyperband": lambda: optuna.pruners.HyperbandPruner(),
-        "none": lambda: optuna.pruners.NopPruner(),
-    }
-    return pruners[name]()
-
-
 @contextmanager
 def study_lock(study_dir: Path):
     """One worker at a time counts, asks and claims trials (``<study>/.ask.lock``)."""
@@ -147,20 +124,11 @@ def suggest(trial: Any, spec: SearchSpec) -> dict[str, Any]:
 
 
 def metric_values(run_dir: Path, metric: str) -> list[float]:
-    from swin_lightning.report import read_run
+    """The values a trial's run logged for the study's metric (any scalar: a SimMIM trial
+    logs ``val/loss`` and no ``val/acc1``)."""
+    from swin_lightning.report import read_scalars, scalar_values
 
-    result = read_run(run_dir, "", "")
-    if result is None:
-        return []
-    if metric == "val/acc1":
-        return result.val_acc1
-    if metric == "val/loss":
-        return result.val_loss
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [e.value for e in acc.Scalars(metric)] if metric in acc.Tags()["scalars"] else []
+    return scalar_values(read_scalars(run_dir), metric)
 
 
 class Worker:
@@ -183,8 +151,8 @@ class Worker:
         settings = resolved_settings(args)
         run = Run(f"trial_{number}", self.spec.seed, fingerprint(settings),
                   self.study_dir / f"trial_{number}", args, items)  # fmt: skip
-        if not (run.dir / "settings.yaml").is_file():
-            write_text(run.dir / "settings.yaml", yaml.safe_dump(settings, sort_keys=False))
+        if not (run.dir / SETTINGS).is_file():
+            write_text(run.dir / SETTINGS, yaml.safe_dump(settings, sort_keys=False))
         return run
 
     def claim(self) -> tuple[int, Run, RunLock] | None:
@@ -236,9 +204,9 @@ class Worker:
                 if run.finished:  # trained before `tune` was stopped, not yet told
                     outcome = attempt.RunOutcome(run.variant, run.seed, "done", 0, run.dir)
                 else:
-                    trial_env = "\t".join([self.url, self.spec.study, str(number),
-                                           self.spec.metric, self.spec.pruner])  # fmt: skip
-                    self.current = attempt.start(run, lock, self.launcher, env={**self.env, TRIAL_ENV: trial_env},
+                    trial = TrialEnv(self.url, self.spec.study, number, self.spec.metric,
+                                     self.spec.pruner)  # fmt: skip
+                    self.current = attempt.start(run, lock, self.launcher, env={**self.env, **trial.encode()},
                                                  ignore=(signal.SIGUSR2,))  # fmt: skip
                     if self.stop is not None:
                         self.stop.children.append(self.current.process)
@@ -285,9 +253,8 @@ class TuneJob:
         import submitit
 
         current = self.worker.current if self.worker else None
-        if current is not None and current.code is None:
-            os.killpg(current.process.pid, signal.SIGTERM)
-            current.wait(timeout=120)
+        if current is not None:
+            current.stop(grace=STOP_GRACE_S)  # SIGKILL if it does not save in time
         return submitit.helpers.DelayedSubmission(TuneJob(*self.args))
 
 

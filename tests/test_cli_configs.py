@@ -171,7 +171,34 @@ DEBUG_PRESETS = ["trainer/overfit.yaml", "trainer/limit.yaml", "trainer/profile.
 
 
 @pytest.mark.parametrize("preset", DEBUG_PRESETS)
-def test_fast_dev_run_with_debug_presets(preset, in_tmp):
+def test_debug_presets_set_what_they_say_and_run(preset, in_tmp):
+    # The trainer and model built from demo + preset carry every setting of the preset (a
+    # fast_dev_run alone would override them, so they are checked on the built objects).
+    import yaml
+    from lightning.pytorch.profilers import PyTorchProfiler
+
+    from swin_lightning.models.swin import DropPath
+
+    overlay = yaml.safe_load((CONFIGS / preset).read_text())
+    cli = run_cli("--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / preset),
+                  run=False)  # fmt: skip
+    for key, value in overlay["trainer"].items():
+        if key == "profiler":
+            assert isinstance(cli.trainer.profiler, PyTorchProfiler)
+            assert cli.trainer.profiler.filename == value["init_args"]["filename"]
+        else:
+            assert getattr(cli.trainer, key) == value, key
+    model = overlay.get("model", {})
+    if "lr_scheduler" in model:
+        assert cli.model.scheduler_factory is None
+    for key in ("label_smoothing", "mixup_alpha", "cutmix_alpha"):
+        if key in model:
+            assert cli.model.hparams[key] == model[key], key
+    if "mixup_alpha" in model:
+        assert cli.model.mixup is None
+    if "drop_path_rate" in model.get("net", {}):
+        rates = [m.drop_prob for m in cli.model.net.modules() if isinstance(m, DropPath)]
+        assert rates and all(r == model["net"]["drop_path_rate"] for r in rates)
     _fast_dev_run(CONFIGS / "demo.yaml", in_tmp, "--config", str(CONFIGS / preset))
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from swin_lightning.models import SwinTransformer, count_macs, create_model
+from tests.conftest import CONFIGS
 
 # timm's parameter counts for the same shapes (swin_{tiny,small,base,large}_patch4_window7_224).
 TIMM_PARAMS = {
@@ -173,3 +174,19 @@ def test_input_not_divisible_by_patch_is_rejected():
     model = create_model("swin_cifar", num_classes=10)
     with pytest.raises(ValueError, match="not divisible by patch_size=2"):
         model(torch.randn(1, 3, 33, 33))
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "models").glob("*.yaml")), ids=lambda p: p.stem)
+def test_model_configs_are_their_presets(path):
+    # configs/models/<name>.yaml and PRESETS[<name>] write the same shapes twice: every key the
+    # config sets equals the preset's (img_size comes from the data), and each config sets
+    # every architecture key of its preset.
+    import yaml
+
+    from swin_lightning.models.presets import PRESETS
+
+    net = yaml.safe_load(path.read_text())["model"]["net"]
+    preset = {k: v for k, v in PRESETS[path.stem].items() if k not in ("img_size", "num_classes")}
+    as_listed = {k: list(v) if isinstance(v, tuple) else v for k, v in preset.items()}
+    default_patch = {"patch_size": 4}  # the constructor's default, which presets leave out
+    assert {**default_patch, **as_listed} == net

@@ -202,3 +202,44 @@ def test_imagefolder_pretraining_encoder_loads_into_the_recipe():
     assert report.reinitialized == ["head.bias", "head.weight"]
     for key, value in encoder.state_dict().items():
         assert torch.equal(classifier.state_dict()[key], value), key
+
+
+def test_ablate_plans_every_variant_of_a_simmim_config(tmp_path):
+    # The campaign commands resolve a run's settings with the model the configs ask for
+    # (before: always the classifier, which rejected every SimMIM variant).
+    from swin_lightning.ablate import plan
+    from swin_lightning.runs.spec import AblationSpec
+
+    path = tmp_path / "spec.yaml"
+    path.write_text("experiment: mim\nseeds: [0, 1]\nvariants:\n"
+                    "  r40: [model.init_args.mask_ratio=0.4]\n"
+                    "  r60: [model.init_args.mask_ratio=0.6]\n")  # fmt: skip
+    runs, rejected = plan(["--config", PRETRAIN_DEMO], AblationSpec.load(path),
+                          tmp_path / "mim", [], [])  # fmt: skip
+    assert rejected == []
+    assert sorted((r.variant, r.seed) for r in runs) == [
+        ("r40", 0), ("r40", 1), ("r60", 0), ("r60", 1)]  # fmt: skip
+    assert len({r.fingerprint for r in runs}) == 2
+
+
+@pytest.mark.slow
+def test_a_tune_trial_of_simmim_reports_its_val_loss(in_tmp):
+    # SimMIM logs val/loss and no val/acc1: the trial is told its loss (before: marked failed).
+    import optuna
+    import yaml
+
+    from swin_lightning.tune import main as tune_main
+
+    spec = in_tmp / "search.yaml"
+    spec.write_text(yaml.safe_dump({
+        "study": "mim", "metric": "val/loss", "direction": "minimize", "n_trials": 1,
+        "sampler": "random", "pruner": "none", "seed": 0,
+        "space": {"model.init_args.mask_ratio": {"type": "float", "low": 0.4, "high": 0.7}},
+    }))  # fmt: skip
+    tiny = ["data.init_args.train_size=32", "data.init_args.val_size=16",
+            "data.init_args.batch_size=16", "trainer.max_epochs=1"]  # fmt: skip
+    assert tune_main(["--config", PRETRAIN_DEMO, str(spec), "--log_dir", str(in_tmp), *tiny]) == 0
+    study = optuna.load_study(study_name="mim", storage=f"sqlite:///{in_tmp / 'mim' / 'study.db'}")
+    (trial,) = study.get_trials(deepcopy=False)
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert 0 < trial.value < 10 and 0.4 <= trial.params["model.init_args.mask_ratio"] <= 0.7

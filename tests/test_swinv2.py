@@ -93,11 +93,28 @@ def test_switches_change_what_they_say():
 def test_post_norm_normalises_the_branch_output():
     torch.manual_seed(0)
     block = SwinBlock(8, 2, (4, 4), 4, shift=False, norm="post").eval()
+    with torch.no_grad():  # off zero (V2 starts them at zero, where every placement gives x)
+        for norm in (block.norm1, block.norm2):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_()
     x = torch.randn(1, 4, 4, 8) * 10
+
+    def layer_norm(t, norm):  # by hand: zero mean and unit variance over channels, affine
+        centred = t - t.mean(-1, keepdim=True)
+        scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + norm.eps)
+        return centred * scale * norm.weight + norm.bias
+
     with torch.no_grad():
-        after_attn = x + block.norm1(block._attention(x))
-        expected = after_attn + block.norm2(block.mlp(after_attn))
-        torch.testing.assert_close(block(x), expected)
+        # One 4x4 window, no shift: the attention branch is the window attention of all tokens.
+        attention = block.attn(x.reshape(1, 1, 16, 8)).reshape(1, 4, 4, 8)
+        after_attn = x + layer_norm(attention, block.norm1)
+        expected = after_attn + layer_norm(block.mlp(after_attn), block.norm2)
+        got = block(x)
+        # V1's pre-norm placement of the same weights gives something else.
+        pre = x + block.attn(layer_norm(x, block.norm1).reshape(1, 1, 16, 8)).reshape(1, 4, 4, 8)
+        pre = pre + block.mlp(layer_norm(pre, block.norm2))
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, pre, atol=1e-3) and not torch.allclose(got, x, atol=1e-3)
 
 
 def test_post_norm_blocks_start_as_the_identity():

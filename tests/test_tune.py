@@ -175,3 +175,26 @@ def test_journal_storage_for_cluster_file_systems(tmp_path):
     again = optuna.load_study(study_name="j", storage=open_storage(url))
     assert [t.value for t in again.get_trials()] == [0.5]
     assert (tmp_path / "j" / "journal.log").stat().st_size > 0
+
+
+def test_a_tune_job_stopped_for_a_requeue_kills_a_trial_that_does_not_save(monkeypatch):
+    # submitit's checkpoint (USR2): SIGTERM, then SIGKILL after the grace period, as for
+    # ablate's RunJob (before: a trial that ignored SIGTERM was left running).
+    from types import SimpleNamespace
+
+    submitit = pytest.importorskip("submitit", reason="the slurm extra is in dev")
+    from swin_lightning import tune
+    from swin_lightning.runs.attempt import Attempt
+
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(120)"  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert process.stdout.readline().strip() == "up"
+    monkeypatch.setattr(tune, "STOP_GRACE_S", 0.5)
+    job = tune.TuneJob("search.yaml", 1, [], Path("."), "sqlite://", 0)
+    job.worker = SimpleNamespace(current=Attempt(None, process, False, None, time.time()))
+    started = time.monotonic()
+    again = job.checkpoint()
+    assert process.wait(timeout=10) == -signal.SIGKILL
+    assert time.monotonic() - started < 10
+    assert isinstance(again, submitit.helpers.DelayedSubmission)

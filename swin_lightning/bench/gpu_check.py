@@ -114,18 +114,14 @@ def fit_args(data: Path, logs: Path, seconds: int, workers: int) -> list[str]:
 def fit_throughput(run_dir: Path, skip_steps: int) -> dict[str, Any]:
     """End-to-end training images/s of a run, from its ``train/device/samples_per_sec``
     events after ``skip_steps`` (the compile and the loader's start)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from swin_lightning.report import read_scalars
 
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = acc.Tags().get("scalars", [])
-    tag = next((t for t in ("train/device/samples_per_sec", "device/samples_per_sec") if t in tags), None)  # fmt: skip
-    if tag is None:
-        raise RuntimeError(f"no samples_per_sec events in {run_dir} (tags: {tags})")
-    events = acc.Scalars(tag)
-    steady = [e.value for e in events if e.step > skip_steps] or [e.value for e in events]
+    events = read_scalars(run_dir).get("train/device/samples_per_sec")
+    if not events:
+        raise RuntimeError(f"no train/device/samples_per_sec events in {run_dir}")
+    steady = [value for step, value in events if step > skip_steps] or [v for _, v in events]
     return {"img_s": statistics.median(steady), "windows": len(steady),
-            "last_step": max(e.step for e in events)}  # fmt: skip
+            "last_step": max(step for step, _ in events)}  # fmt: skip
 
 
 def run_fit(out: Path, seconds: int) -> dict[str, Any]:

@@ -17,16 +17,25 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from swin_lightning.report import FINISHED, read_run
+from swin_lightning.protocol import (
+    CHECKPOINTS,
+    FINISHED,
+    LAST_CKPT,
+    LAUNCHER_ENV,
+    SIGINT_EXIT_CODE,
+    SIGTERM_EXIT_CODE,
+)
+from swin_lightning.report import read_run
 from swin_lightning.runs.spec import varied_settings
 from swin_lightning.runs.store import Run, attempt_ended, attempt_started
 from swin_lightning.storage import RunLock, write_text
 
-STOPPED_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)
+STOPPED_CODES = (SIGINT_EXIT_CODE, SIGTERM_EXIT_CODE, -signal.SIGINT, -signal.SIGTERM)
 
 
 @dataclass
@@ -66,6 +75,19 @@ class Attempt:
         self.ended.wait(timeout)
         return self.code
 
+    def stop(self, grace: float = 120.0) -> int:
+        """SIGTERM to the fit's process group (it saves ``last.ckpt`` at its next batch),
+        SIGKILL if it has not ended within ``grace`` seconds; its exit code."""
+        if self.code is None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+        code = self.wait(timeout=grace)
+        if code is None:  # it did not save in time
+            with suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            code = self.wait()
+        return code
+
 
 def fit_command(run: Run, resume: bool) -> list[str]:
     """The ``fit`` command line of a run: its settings, its seed, its folder."""
@@ -80,7 +102,7 @@ def fit_command(run: Run, resume: bool) -> list[str]:
         "--trainer.enable_progress_bar=false",
     ]  # fmt: skip
     if resume:
-        cmd.append(f"--ckpt_path={run.dir / 'checkpoints' / 'last.ckpt'}")
+        cmd.append(f"--ckpt_path={run.dir / CHECKPOINTS / LAST_CKPT}")
     return cmd
 
 
@@ -118,14 +140,14 @@ def start(
 ) -> Attempt:
     """Start a ``fit`` attempt of ``run`` (``lock``: held by the caller, handed down; None on
     the DDP ranks > 0 of a SLURM run, which only train)."""
-    last = run.dir / "checkpoints" / "last.ckpt"
+    last = run.dir / CHECKPOINTS / LAST_CKPT
     resume = last.is_file()
     if lock is not None:
         if not resume:
             _fresh_start(run.dir)
         attempt_started(run, launcher, **record)
     cmd = fit_command(run, resume)
-    child_env = {**os.environ, "SWIN_LIGHTNING_LAUNCHER": launcher, **(env or {}),
+    child_env = {**os.environ, LAUNCHER_ENV: launcher, **(env or {}),
                  **(lock.env() if lock else {})}  # fmt: skip
     name = "fit.log" if lock else f"fit.rank{os.environ.get('SLURM_PROCID')}.log"
     log = open(run.dir / name, "a")  # noqa: SIM115 (closed by finish)
@@ -144,10 +166,15 @@ def finish(attempt: Attempt, code: int, stopped_as: str = "interrupted") -> RunO
     """Record how the attempt ended (``stopped_as``: the state of a run a signal stopped)."""
     attempt.log.close()
     run, seconds = attempt.run, time.perf_counter() - attempt.started
-    last = run.dir / "checkpoints" / "last.ckpt"
+    last = run.dir / CHECKPOINTS / LAST_CKPT
     if code in STOPPED_CODES:
         saved = f"its last.ckpt is {last}" if last.is_file() else "it had saved no checkpoint"
-        name = {130: "SIGINT", -2: "SIGINT", 143: "SIGTERM", -15: "SIGTERM"}[code]
+        name = {
+            SIGINT_EXIT_CODE: "SIGINT",
+            -signal.SIGINT: "SIGINT",
+            SIGTERM_EXIT_CODE: "SIGTERM",
+            -signal.SIGTERM: "SIGTERM",
+        }[code]
         attempt_ended(run, stopped_as, code, f"stopped by {name}; {saved}")
         return RunOutcome(run.variant, run.seed, "interrupted", seconds, run.dir, saved)
     if code != 0:

