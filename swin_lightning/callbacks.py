@@ -1,4 +1,5 @@
-"""Callbacks the CLI adds by default: image throughput and the predictions CSV."""
+"""Callbacks the CLI adds by default: image throughput and the predictions CSV (the attention
+pictures callback lives with the pictures, in visualize.py)."""
 
 from __future__ import annotations
 
@@ -95,63 +96,3 @@ class PredictionCSVWriter(BasePredictionWriter):
                 f"row in {out} (the other {len(indices) - len(bad)} do); they are listed in "
                 f"{listing}, first: {bad[0][0]} ({bad[0][1]})"
             )
-
-
-class WindowAttentionImages(L.Callback):
-    """TensorBoard pictures: windows, shift and mask once per run; attention maps while training.
-
-    Args:
-        every_n_epochs: Log attention maps of a fixed validation batch every n epochs (0: never).
-        num_images: Images in that fixed batch.
-        stage: Which stage (0-based) to picture.
-    """
-
-    def __init__(self, every_n_epochs: int = 1, num_images: int = 2, stage: int = 0):
-        if every_n_epochs < 0 or num_images < 1 or stage < 0:
-            raise ValueError(
-                "attention_images: every_n_epochs >= 0, num_images >= 1 and stage >= 0 required"
-            )
-        self.every_n_epochs = every_n_epochs
-        self.num_images = num_images
-        self.stage = stage
-        self._batch: torch.Tensor | None = None
-
-    def _writer(self, trainer: L.Trainer):
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        return logger.experiment if logger is not None and trainer.is_global_zero else None
-
-    def _blocks(self, net):
-        if self.stage >= len(net.layers):
-            raise ValueError(
-                f"attention_images.stage={self.stage}: the model has {len(net.layers)} stages"
-            )
-        return list(net.layers[self.stage].blocks)
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        writer = self._writer(trainer)
-        if writer is None:
-            return
-        from swin_lightning.visualize import plot_attention_mask, plot_windows
-
-        blocks = self._blocks(pl_module.net)
-        shifted = blocks[1] if len(blocks) > 1 else None
-        writer.add_figure("windows/partition_and_shift", plot_windows(blocks[0], shifted), 0)
-        if shifted is not None:
-            writer.add_figure("windows/attention_mask", plot_attention_mask(shifted), 0)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        writer = self._writer(trainer)
-        epoch = trainer.current_epoch
-        if writer is None or trainer.sanity_checking or not self.every_n_epochs:
-            return
-        if epoch % self.every_n_epochs:
-            return
-        if self._batch is None:
-            self._batch = trainer.datamodule.example_images(self.num_images)
-        from swin_lightning.visualize import plot_attention_maps
-
-        images = self._batch.to(pl_module.device)
-        fig = plot_attention_maps(pl_module.net, images, self.stage)
-        writer.add_figure("attention/maps", fig, trainer.global_step)

@@ -27,7 +27,6 @@ from swin_lightning.callbacks import (
     ImageThroughputMonitor,
     PartialPredictionError,
     PredictionCSVWriter,
-    WindowAttentionImages,
 )
 from swin_lightning.data import ClassificationDataModule
 from swin_lightning.module import SwinClassifier
@@ -38,9 +37,8 @@ from swin_lightning.resilience import (
     Preflight,
     ResumeState,
     StepCheckpoint,
-    claim_run_folder,
-    resolve_resume,
 )
+from swin_lightning.run_folder import claim_run_folder, resolve_resume
 from swin_lightning.storage import (
     CheckpointError,
     RunBusyError,
@@ -48,6 +46,7 @@ from swin_lightning.storage import (
     load_checkpoint,
     write_text,
 )
+from swin_lightning.visualize import WindowAttentionImages
 
 TRAINER_DEFAULTS = {
     # One versioned folder per run under logs/<name>/version_<n>: never overwritten.

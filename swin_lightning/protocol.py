@@ -9,7 +9,8 @@ from __future__ import annotations
 # Environment variables a launcher sets for the fit it starts.
 LAUNCHER_ENV = "SWIN_LIGHTNING_LAUNCHER"  # "local" or "slurm": a run of ablate/tune
 TRIAL_ENV = "SWIN_LIGHTNING_TRIAL"  # a trial of tune (encoding: runs/pruning.py)
-LOCK_ENV = "SWIN_LIGHTNING_RUN_LOCK"  # "<fd>:<run dir>": the run lock the child inherits
+# The run lock's own variable, LOCK_ENV, is defined beside RunLock in storage.py, the ground
+# floor that both sides of the lock import.
 
 # Files in a run folder.
 CHECKPOINTS = "checkpoints"  # the folder of a run's checkpoints

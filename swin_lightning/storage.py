@@ -28,7 +28,8 @@ from typing import IO, Any
 
 import torch
 
-from swin_lightning.protocol import LOCK_ENV
+# The run lock a launcher hands to the fit it starts: "<fd>:<run dir>" (RunLock.env).
+LOCK_ENV = "SWIN_LIGHTNING_RUN_LOCK"
 
 LOCK_FILE = ".lock"
 # A launcher that holds a run's lock hands it to the run's process: "<fd>:<run folder>".

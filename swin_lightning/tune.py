@@ -126,7 +126,7 @@ def suggest(trial: Any, spec: SearchSpec) -> dict[str, Any]:
 def metric_values(run_dir: Path, metric: str) -> list[float]:
     """The values a trial's run logged for the study's metric (any scalar: a SimMIM trial
     logs ``val/loss`` and no ``val/acc1``)."""
-    from swin_lightning.report import read_scalars, scalar_values
+    from swin_lightning.events import read_scalars, scalar_values
 
     return scalar_values(read_scalars(run_dir), metric)
 

@@ -114,7 +114,7 @@ def fit_args(data: Path, logs: Path, seconds: int, workers: int) -> list[str]:
 def fit_throughput(run_dir: Path, skip_steps: int) -> dict[str, Any]:
     """End-to-end training images/s of a run, from its ``train/device/samples_per_sec``
     events after ``skip_steps`` (the compile and the loader's start)."""
-    from swin_lightning.report import read_scalars
+    from swin_lightning.events import read_scalars
 
     events = read_scalars(run_dir).get("train/device/samples_per_sec")
     if not events:

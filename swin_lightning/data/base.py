@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from swin_lightning.resilience import ResumableDataLoader, ResumableSampler
+from swin_lightning.data.resumable import ResumableDataLoader, ResumableSampler
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 

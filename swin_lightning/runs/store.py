@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from swin_lightning.events import DamagedRunError, read_scalars, scalar_values
 from swin_lightning.protocol import FINISHED, JOB_RECORD, RUN_RECORD
-from swin_lightning.report import DamagedRunError, read_scalars, scalar_values
 from swin_lightning.storage import RunLock, write_text
 
 MANIFEST = "experiment.json"
