@@ -19,13 +19,11 @@ trial is run or counted twice.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import signal
 import sys
 import threading
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -98,16 +96,13 @@ def enqueue_grid(spec: SearchSpec, study: Any, study_dir: Path) -> None:
                 study.enqueue_trial(params)
 
 
-@contextmanager
-def study_lock(study_dir: Path):
-    """One worker at a time counts, asks and claims trials (``<study>/.ask.lock``)."""
+def study_lock(study_dir: Path) -> Any:
+    """One worker at a time counts, asks and claims trials: a ``filelock.FileLock`` on
+    ``<study>/.ask.lock`` (blocking; across processes and SLURM tasks on a shared disk)."""
+    from filelock import FileLock
+
     study_dir.mkdir(parents=True, exist_ok=True)
-    with open(study_dir / ".ask.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return FileLock(study_dir / ".ask.lock")
 
 
 def suggest(trial: Any, spec: SearchSpec) -> dict[str, Any]:

@@ -35,14 +35,16 @@ def plot_windows(block: SwinBlock, shifted: SwinBlock | None = None) -> Figure:
     region each token came from; tokens of different colours share a window but must not
     attend to each other, which is what the attention mask enforces.
     """
-    H, W = block._padded(*block.input_resolution)
+    H, W = block.padded_size(*block.input_resolution)
     panels = 3 if shifted is not None and shifted.shifted else 1
     fig, axes = _figure(1, panels, 4 * panels, 4)
     axes = axes[0]
-    checker = (
-        torch.arange(H)[:, None] // block.window_size[0]
-        + torch.arange(W)[None] // block.window_size[1]
-    ) % 2
+    windows = _token_windows(block, H, W)  # (nW, N): token ids of each window
+    cols = W // block.window_size[1]
+    checker = torch.zeros(H * W, dtype=torch.long)
+    for w, ids in enumerate(windows):
+        checker[ids] = (w // cols + w % cols) % 2  # alternate like a chessboard
+    checker = checker.view(H, W)
     axes[0].imshow(checker, cmap="Pastel1", vmin=0, vmax=8)
     _window_lines(axes[0], H, W, block.window_size)
     axes[0].set_title(
@@ -65,7 +67,7 @@ def plot_windows(block: SwinBlock, shifted: SwinBlock | None = None) -> Figure:
 
 def plot_attention_mask(block: SwinBlock) -> Figure:
     """The additive mask of the four kinds of shifted window (interior, right/bottom edges, corner)."""
-    H, W = block._padded(*block.input_resolution)
+    H, W = block.padded_size(*block.input_resolution)
     mask = block.shift_mask(H, W, torch.device("cpu"))
     fig, axes = _figure(1, 4, 13, 3.9)
     axes = axes[0]
@@ -85,19 +87,24 @@ def plot_attention_mask(block: SwinBlock) -> Figure:
     return fig
 
 
+def _token_windows(block: SwinBlock, H: int, W: int) -> torch.Tensor:
+    """Which token sits in each slot of each window when ``block`` partitions an ``H x W``
+    grid (its own padding and cyclic shift, :meth:`SwinBlock.to_windows`): ``(nW, N)`` token
+    ids ``row * W + col`` in original coordinates, -1 for padding."""
+    ids = torch.arange(1, H * W + 1, dtype=torch.float).view(1, H, W, 1)  # 0: the padding
+    return block.to_windows(ids)[0][0, :, :, 0].long() - 1
+
+
 def _query_map(block: SwinBlock, probs: torch.Tensor, query: tuple[int, int], H: int, W: int):
     """Head-averaged attention of ``query`` (original coordinates) placed on the H x W grid."""
-    Hp, Wp = block._padded(H, W)
-    (wh, ww), (sh, sw) = block.window_size, block.shift_size
-    qi, qj = (query[0] - sh) % Hp, (query[1] - sw) % Wp  # position after the shift
-    window = (qi // wh) * (Wp // ww) + qj // ww
-    weights = probs[window, :, (qi % wh) * ww + qj % ww].mean(0)  # (N,) over keys
-    out = torch.zeros(Hp, Wp)
-    top, left = (qi // wh) * wh, (qj // ww) * ww
-    for n, value in enumerate(weights.tolist()):
-        ki, kj = top + n // ww, left + n % ww
-        out[(ki + sh) % Hp, (kj + sw) % Wp] = value  # back to original coordinates
-    return out[:H, :W]
+    windows = _token_windows(block, H, W)
+    window, slot = (windows == query[0] * W + query[1]).nonzero()[0].tolist()
+    weights = probs[window, :, slot].mean(0)  # (N,) over the window's keys
+    out = torch.zeros(H * W)
+    keys = windows[window]
+    real = keys >= 0
+    out[keys[real]] = weights[real]
+    return out.view(H, W)
 
 
 def plot_attention_maps(

@@ -222,3 +222,24 @@ def test_flags_override_the_spec_launcher_and_reach_sbatch(tmp_path):
                  "--gpus-per-node=4", "--account=proj", "--qos=high", "--mem=64GB",
                  "--signal=USR2@120", "--mail-type=END", "module load cuda"):  # fmt: skip
         assert line in script, (line, script)
+
+
+def test_launcher_flags_take_the_types_of_their_settings():
+    # The flags are built from the SlurmSettings dataclass: each parses to its field's type
+    # (before: by the first word of the annotation, so a bool field came out as the str
+    # 'False', which is true).
+    import argparse
+
+    from swin_lightning.runs.launchers import add_launcher_flags, flag_type
+
+    parser = argparse.ArgumentParser()
+    add_launcher_flags(parser)
+    args = parser.parse_args(["--time_min", "30", "--mem_gb", "8.5", "--partition", "gpu",
+                              "--array_parallelism", "4"])  # fmt: skip
+    assert (args.time_min, args.mem_gb, args.partition, args.array_parallelism) == (
+        30, 8.5, "gpu", 4)  # fmt: skip
+    assert type(args.time_min) is int and type(args.mem_gb) is float
+    assert flag_type(bool)("false") is False and flag_type(bool | None)("yes") is True
+    assert flag_type(int | None)("3") == 3 and flag_type(str | None)("a") == "a"
+    with pytest.raises(argparse.ArgumentTypeError, match="not a boolean"):
+        flag_type(bool)("maybe")

@@ -79,10 +79,29 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_no_import_circle():
+def floors(graph: dict[str, set[str]]) -> dict[str, int]:
+    """A module's floor: 1 + the highest floor it imports (ground: imports nothing)."""
+    floor: dict[str, int] = {}
+
+    def of(module: str) -> int:
+        if module not in floor:
+            floor[module] = 1 + max((of(m) for m in graph[module]), default=0)
+        return floor[module]
+
+    for module in graph:
+        of(module)
+    return floor
+
+
+def test_no_import_circle_and_at_most_six_floors():
     graph = import_graph()
-    assert "swin_lightning.protocol" in graph and not graph["swin_lightning.protocol"]
     assert cycles(graph) == []
+    floor = floors(graph)
+    # The names that cross a process boundary, the checked writes and the event reader are
+    # ground floor: everyone may import them.
+    for ground in ("protocol", "storage", "events"):
+        assert floor[f"swin_lightning.{ground}"] == 1, ground
+    assert max(floor.values()) <= 6, sorted(floor.items(), key=lambda kv: -kv[1])[:5]
 
 
 def test_the_cycle_finder_finds_a_circle():

@@ -2,6 +2,7 @@
 
 import itertools
 
+import pytest
 import torch
 from torch.autograd.functional import jacobian
 
@@ -97,3 +98,28 @@ def test_window_figures_titles_fit_and_do_not_overlap():
             assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
         for a, b in itertools.pairwise(boxes):
             assert a.x1 < b.x0, "titles overlap"
+
+
+def test_attention_map_of_a_query_covers_its_shifted_window():
+    # visualize builds its maps on the block's own partition (to_windows): a query's map sums
+    # to one over the tokens of its window after padding and the cyclic shift, zero elsewhere.
+    from swin_lightning.models import SwinTransformer
+    from swin_lightning.visualize import _query_map, _token_windows
+
+    torch.manual_seed(0)
+    net = SwinTransformer(img_size=(40, 56), patch_size=4, embed_dim=16, depths=(2,),
+                          num_heads=(2,), window_size=4, num_classes=3).eval()  # fmt: skip
+    x = torch.randn(1, 10, 14, 16)  # 10x14 tokens: padded to 12x16 for windows of 4
+    shifted = net.layers[0].blocks[1]
+    windows = _token_windows(shifted, 10, 14)
+    assert windows.shape == (12, 16) and sorted(windows[windows >= 0].tolist()) == list(range(140))
+    probs = shifted.attention_probs(x)[0]
+    # The top-left token: the cyclic shift puts it in the last window, beside padding.
+    corner = _query_map(shifted, probs, (0, 0), 10, 14)
+    assert corner.sum().item() == pytest.approx(1.0, abs=1e-5)
+    (row,) = [w for w in windows if (w == 0).any()]
+    inside = torch.zeros(140, dtype=torch.bool)
+    inside[row[row >= 0]] = True
+    assert (corner.flatten()[~inside] == 0).all() and (corner.flatten()[inside] > 0).all()
+    assert inside.view(10, 14).nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert (row < 0).sum() == 12  # the other 12 slots of that window are padding

@@ -414,14 +414,15 @@ class SwinBlock(nn.Module):
         # The shift mask only depends on the (padded) resolution: build it once for the
         # configured one; other input sizes get theirs built and cached on first use.
         self._mask_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-        padded = self._padded(*input_resolution)
+        padded = self.padded_size(*input_resolution)
         self.register_buffer("attn_mask", self._build_mask(*padded), persistent=False)
 
     @property
     def shifted(self) -> bool:
         return any(self.shift_size)
 
-    def _padded(self, H: int, W: int) -> tuple[int, int]:
+    def padded_size(self, H: int, W: int) -> tuple[int, int]:
+        """The token grid after zero-padding ``H x W`` to whole windows."""
         wh, ww = self.window_size
         return H + (-H) % wh, W + (-W) % ww
 
@@ -434,7 +435,7 @@ class SwinBlock(nn.Module):
         """Additive shift mask ``(nW, N, N)`` for a padded ``Hp x Wp`` grid, or None."""
         if not self.shifted:
             return None
-        if (Hp, Wp) == self._padded(*self.input_resolution):
+        if (Hp, Wp) == self.padded_size(*self.input_resolution):
             return self.attn_mask
         key = (Hp, Wp, device)
         if key not in self._mask_cache:
@@ -444,7 +445,7 @@ class SwinBlock(nn.Module):
     def to_windows(self, x: torch.Tensor):
         """Pad, cyclic-shift and partition ``(B, H, W, C)``: windows, padded size, shift mask."""
         H, W = x.shape[1:3]
-        Hp, Wp = self._padded(H, W)
+        Hp, Wp = self.padded_size(H, W)
         if (Hp, Wp) != (H, W):
             x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
         if self.shifted:

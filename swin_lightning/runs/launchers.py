@@ -22,6 +22,8 @@ import signal
 import socket
 import subprocess
 import time
+import typing
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import fields, replace
 from pathlib import Path
@@ -393,6 +395,25 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def flag_type(hint: Any) -> Callable[[str], Any]:
+    """The argparse ``type`` of a settings field from its type hint: ``int``, ``float``,
+    ``bool`` (true/false, yes/no, 1/0) or ``str``, also inside ``X | None``."""
+    kinds = [k for k in typing.get_args(hint) or (hint,) if k is not type(None)]
+    kind = kinds[0] if len(kinds) == 1 else str
+    if kind is bool:
+        return _boolean
+    return kind if kind in (int, float) else str
+
+
+def _boolean(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "yes", "1", "on"):
+        return True
+    if lowered in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean (true or false)")
+
+
 def add_launcher_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("launcher (overrides the spec's launcher: section)")
     group.add_argument("--launcher", choices=["local", "slurm"], dest="name")
@@ -402,11 +423,11 @@ def add_launcher_flags(parser: argparse.ArgumentParser) -> None:
                        help="let local runs share GPUs when there are too few")  # fmt: skip
     slurm = parser.add_argument_group("SLURM resources per run (--launcher slurm)")
     docs = _field_docs(SlurmSettings)
+    hints = typing.get_type_hints(SlurmSettings)
     for f in fields(SlurmSettings):
         if f.name not in ("additional_parameters", "setup"):
-            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
             help_text = f"{docs.get(f.name, '')} (default {f.default})".replace("%", "%%")
-            slurm.add_argument(f"--{f.name}", type=kind, help=help_text)
+            slurm.add_argument(f"--{f.name}", type=flag_type(hints[f.name]), help=help_text)
     slurm.add_argument("--sbatch", type=_sbatch_option, action="append", default=[],
                        metavar="KEY=VALUE", help="any other sbatch option (repeat)")  # fmt: skip
 
