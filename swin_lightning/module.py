@@ -31,16 +31,16 @@ def weight_decay_groups(
     parameters whose name contains one of ``skip_keywords`` (relative position bias tables,
     absolute position embeddings).
     """
-    skip_keywords = skip_keywords or set()
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim <= 1 or any(k in name for k in skip_keywords):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    from timm.optim import param_groups_weight_decay
+
+    skip = [n for n, _ in model.named_parameters() if any(k in n for k in skip_keywords or ())]
+    # timm's split (1-d parameters and biases undecayed, plus the names listed); its groups
+    # come no-decay first and either may be missing: here always (decayed, undecayed), the
+    # decayed one taking the optimizer's weight_decay.
+    groups = param_groups_weight_decay(model, weight_decay=1.0, no_weight_decay_list=skip)
+    by_decay = {g["weight_decay"] > 0: g["params"] for g in groups}
+    return [{"params": by_decay.get(True, [])},
+            {"params": by_decay.get(False, []), "weight_decay": 0.0}]  # fmt: skip
 
 
 def layer_decay_groups(

@@ -180,8 +180,22 @@ class SimMIM(StepScheduledOptimization, L.LightningModule):
         # Hidden pixels are zeroed as well: a conv stem's overlapping filters would otherwise
         # carry them into the visible patches next to a masked block.
         images = images * (1 - self.pixel_mask(mask).to(images.dtype))
-        features = self.net.forward_features(images, mask=mask, mask_token=self.mask_token)
+        features = self.net.forward_stages(
+            self.net.embed_positions(self.embed_masked(images, mask))
+        )
         return self.decoder(features.permute(0, 3, 1, 2))
+
+    def embed_masked(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The backbone's patch embeddings ``(B, H/p, W/p, C)`` with those of the ``mask``
+        patches (``B, H/p, W/p`` bool) replaced by the learned mask token."""
+        x = self.net.patch_embed(images)
+        if mask.shape[1:] != x.shape[1:3]:
+            raise ValueError(
+                f"mask of {tuple(mask.shape[1:])} patches does not fit the "
+                f"{tuple(x.shape[1:3])} patch grid"
+            )
+        hidden = mask.unsqueeze(-1).to(x.dtype)
+        return x * (1 - hidden) + self.mask_token.to(x.dtype) * hidden
 
     def loss(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction loss on the masked pixels, reconstruction)."""

@@ -680,23 +680,13 @@ class SwinTransformer(nn.Module):
             ],
         }
 
-    def _embed(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        mask_token: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x = self.patch_embed(x)
-        if mask is not None:  # SimMIM: masked patches' embeddings become the mask token
-            if mask_token is None:
-                raise ValueError("a patch mask needs a mask_token to put in the masked patches")
-            if mask.shape[1:] != x.shape[1:3]:
-                raise ValueError(
-                    f"mask of {tuple(mask.shape[1:])} patches does not fit the "
-                    f"{tuple(x.shape[1:3])} patch grid"
-                )
-            hidden = mask.unsqueeze(-1).to(x.dtype)
-            x = x * (1 - hidden) + mask_token.to(x.dtype) * hidden
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed_positions(self.patch_embed(x))
+
+    def embed_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings ``(B, H/p, W/p, C)`` plus the absolute position embedding (if
+        any, resized to the grid), then dropout: what the stages take. A task that edits the
+        embeddings (SimMIM's mask token) calls ``patch_embed``, edits, then this."""
         if self.absolute_pos_embed is not None:
             pos = self.absolute_pos_embed
             if pos.shape[1:3] != x.shape[1:3]:
@@ -715,18 +705,13 @@ class SwinTransformer(nn.Module):
             outputs.append(x)
         return outputs
 
-    def forward_features(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        mask_token: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Normalised features of the last stage, ``(B, H, W, C)``.
+    def forward_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised features of the last stage from embedded patches ``(B, H/p, W/p, C)``."""
+        return self.norm(self.layers(x))
 
-        ``mask`` (``B, H/p, W/p`` bool) and ``mask_token`` (``C``-wide): the embeddings of the
-        masked patches are replaced by the token before the stages (SimMIM pretraining).
-        """
-        return self.norm(self.layers(self._embed(x, mask, mask_token)))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised features of the last stage, ``(B, H, W, C)``."""
+        return self.forward_stages(self._embed(x))
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_drop(x.mean(dim=(1, 2))))
