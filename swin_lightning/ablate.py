@@ -30,6 +30,7 @@ import yaml
 from swin_lightning.protocol import SETTINGS
 from swin_lightning.report import write_report
 from swin_lightning.runs.attempt import RunOutcome
+from swin_lightning.runs.campaign import campaign_dir, dispatch, folder_parser, stop_message
 from swin_lightning.runs.launchers import (
     LocalLauncher,
     SlurmLauncher,
@@ -46,7 +47,7 @@ from swin_lightning.runs.store import (
     read_status,
     status_table,
 )
-from swin_lightning.storage import WriteError, write_text
+from swin_lightning.storage import write_text
 
 __all__ = ["AblationInterrupted", "AblationSpec", "RunOutcome", "main", "run_ablation"]
 
@@ -172,12 +173,8 @@ def run_ablation(
     launched, stopped_by = chosen.launch(todo, log=lambda line: print(line, flush=True))
     outcomes += launched
     if stopped_by:
-        print(
-            f"[ablate] stopped by {signal.Signals(stopped_by).name}: the running runs saved "
-            "their last.ckpt; run the same command again to resume (finished runs are "
-            "skipped, interrupted ones resume from their last.ckpt)",
-            file=sys.stderr, flush=True,
-        )  # fmt: skip
+        again = "resume (finished runs are skipped, interrupted ones resume from their last.ckpt)"
+        print(stop_message("ablate", stopped_by, "runs", again), file=sys.stderr, flush=True)
         raise AblationInterrupted(stopped_by, outcomes)
     if isinstance(chosen, SlurmLauncher):
         print(f"[ablate] watch: python -m swin_lightning ablate status {exp_dir}", flush=True)
@@ -211,18 +208,9 @@ def wait_for(experiment: Experiment, every_s: float = 10.0) -> list[RunStatus]:
         time.sleep(every_s)
 
 
-def _experiment_dir(name: str, log_dir: str) -> Path:
-    path = Path(name)
-    return path if (path / "experiment.json").is_file() else Path(log_dir) / name
-
-
 def _load_experiment(argv: list[str], command: str, description: str) -> Experiment:
-    parser = argparse.ArgumentParser(prog=f"python -m swin_lightning ablate {command}",
-                                     description=description)  # fmt: skip
-    parser.add_argument("experiment", help="experiment folder, or its name under --log_dir")
-    parser.add_argument("--log_dir", default="logs")
-    args = parser.parse_args(argv)
-    return Experiment.load(_experiment_dir(args.experiment, args.log_dir))
+    args = folder_parser(f"ablate {command}", "experiment", description).parse_args(argv)
+    return Experiment.load(campaign_dir(args.experiment, args.log_dir, "experiment.json"))
 
 
 def _show_status(argv: list[str]) -> int:
@@ -240,24 +228,17 @@ def _write_report(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"status": _show_status, "report": _write_report}
-    if argv and argv[0] in commands:
-        try:
-            return commands[argv[0]](argv[1:])
-        except (OSError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1 if isinstance(err, WriteError) else 2
-    parser = build_parser()
-    args = parser.parse_intermixed_args(argv)
+    return dispatch(argv, {"status": _show_status, "report": _write_report}, _launch)
+
+
+def _launch(argv: list[str]) -> int:
+    args = build_parser().parse_intermixed_args(argv)
     try:
         settings = launcher_settings(args, AblationSpec.load(args.spec).launcher)
         _, outcomes = run_ablation(args.config, args.spec, args.log_dir, args.overrides,
                                    args.seeds, settings, args.retry_failed, args.wait)  # fmt: skip
     except AblationInterrupted as stop:
         return 128 + stop.signum
-    except (OSError, ValueError) as err:  # a missing or broken spec or config, a failed write
-        print(f"error: {err}", file=sys.stderr)
-        return 1 if isinstance(err, WriteError) else 2
     for o in outcomes:
         if o.status == "failed":
             where = f" (log: {o.run_dir / 'fit.log'})" if o.run_dir else ""

@@ -32,6 +32,7 @@ import yaml
 
 from swin_lightning.protocol import PRUNED, SETTINGS
 from swin_lightning.runs import attempt
+from swin_lightning.runs.campaign import campaign_dir, dispatch, folder_parser, stop_message
 from swin_lightning.runs.launchers import (
     STOP_GRACE_S,
     LocalLauncher,
@@ -42,10 +43,9 @@ from swin_lightning.runs.launchers import (
 from swin_lightning.runs.pruning import TrialEnv, make_pruner, open_storage
 from swin_lightning.runs.search import SearchSpec
 from swin_lightning.runs.spec import LauncherSettings, cli_args
-from swin_lightning.runs.store import Run, fingerprint, read_json, read_status
-from swin_lightning.storage import RunBusyError, RunLock, WriteError, save_figure, write_text
-
-MANIFEST = "study.json"
+from swin_lightning.runs.store import Run, fingerprint, read_json
+from swin_lightning.storage import RunBusyError, RunLock, write_text
+from swin_lightning.study_report import MANIFEST, print_status, write_study_report
 
 
 def storage_url(spec: SearchSpec, study_dir: Path) -> str:
@@ -345,194 +345,45 @@ def _accelerator(base: list[str]) -> str:
     return str((resolved_settings(base).get("trainer") or {}).get("accelerator", "auto"))
 
 
-# ---------------------------------------------------------------------------- status, report
-def load_study(study_dir: Path) -> tuple[dict[str, Any], Any]:
-    import optuna
-
-    manifest = read_json(study_dir / MANIFEST)
-    if not manifest:
-        raise FileNotFoundError(f"{study_dir / MANIFEST} not found: {study_dir} is not a study "
-                                "folder that `tune` made")  # fmt: skip
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(
-        study_name=manifest["study"], storage=open_storage(manifest["storage"])
-    )
-    return manifest, study
-
-
-def trial_rows(study_dir: Path, manifest: dict[str, Any], study: Any) -> list[dict[str, Any]]:
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        state = t.state.name.lower()
-        run_dir = study_dir / f"trial_{t.number}"
-        run = Run(f"trial_{t.number}", 0, "", run_dir)
-        status = read_status(run) if run_dir.is_dir() else None
-        if state == "running" and status is not None and status.state != "running":
-            state = "interrupted"  # its process is gone; a re-run resumes it
-        rows.append({"trial": t.number, "state": state, "value": t.value, "params": t.params,
-                     "epoch": status.epoch if status else None})  # fmt: skip
-    return rows
-
-
-def best_overlay(manifest: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """Everything a trial adds to the base configs (the spec's args, the overrides and its
-    parameters), as one YAML overlay."""
-    merged: dict[str, Any] = {}
-
-    def merge(into: dict[str, Any], new: dict[str, Any]) -> None:
-        for k, v in new.items():
-            if isinstance(v, dict) and isinstance(into.get(k), dict):
-                merge(into[k], v)
-            else:
-                into[k] = v
-
-    base = manifest["base"]
-    overrides = [a for a in base if a.startswith("--") and "=" in a]
-    items = [*overrides, *(str(params[k]) if k in manifest["overlays"] else f"--{k}={params[k]}"
-                           for k in params)]  # fmt: skip
-    for item in items:
-        if item.endswith((".yaml", ".yml")):
-            merge(merged, yaml.safe_load(Path(item).read_text()) or {})
-            continue
-        key, _, value = item.removeprefix("--").partition("=")
-        node: dict[str, Any] = {}
-        leaf = node
-        parts = key.split(".")
-        for part in parts[:-1]:
-            leaf = leaf.setdefault(part, {})
-        leaf[parts[-1]] = yaml.safe_load(value) if isinstance(value, str) else value
-        merge(merged, node)
-    return merged
-
-
-def write_study_report(study_dir: Path) -> Path:
-    manifest, study = load_study(study_dir)
-    rows = trial_rows(study_dir, manifest, study)
-    done = [r for r in rows if r["state"] == "complete"]
-    if not done:
-        raise FileNotFoundError(f"{study_dir}: no complete trial yet")
-    best = study.best_trial
-    overlay = best_overlay(manifest, best.params)
-    write_text(study_dir / "best.yaml",
-               f"# Best trial {best.number} of study {manifest['study']}: {manifest['metric']} "
-               f"{best.value:.4f}. Use: fit --config BASE --config {study_dir / 'best.yaml'}\n"
-               + yaml.safe_dump(overlay, sort_keys=False))  # fmt: skip
-    keys = manifest["space"]
-    text = f"# Study {manifest['study']}\n\nBest: trial {best.number}, {manifest['metric']} "
-    text += f"{best.value:.4f} ({manifest['direction']}); its settings: `best.yaml`.\n\n"
-    text += "| trial | state | " + manifest["metric"] + " | epochs | " + " | ".join(keys) + " |\n"
-    text += "|---" * (4 + len(keys)) + "|\n"
-    for r in rows:
-        value = "-" if r["value"] is None else f"{r['value']:.4f}"
-        params = [_short(r["params"].get(k)) for k in keys]
-        text += f"| {r['trial']} | {r['state']} | {value} | {r['epoch'] or '-'} | {' | '.join(params)} |\n"
-    counts = {s: sum(r["state"] == s for r in rows) for s in {r["state"] for r in rows}}
-    text += (
-        f"\n{len(rows)} trials of {manifest['n_trials']}: "
-        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        + "\n"
-    )
-    text += "\n![history](history.png)\n"
-    _plots(study, study_dir, len(done))
-    if (study_dir / "importance.png").is_file():
-        text += "\n![importance](importance.png)\n"
-    write_text(study_dir / "report.md", text)
-    return study_dir / "report.md"
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    if isinstance(value, str) and value.endswith((".yaml", ".yml")):
-        return Path(value).stem
-    return "-" if value is None else str(value)
-
-
-def _plots(study: Any, study_dir: Path, complete: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.importance import PedAnovaImportanceEvaluator
-    from optuna.visualization import matplotlib as ovm
-
-    ax = ovm.plot_optimization_history(study)
-    save_figure(ax.figure, study_dir / "history.png")
-    plt.close(ax.figure)
-    if complete >= 3 and len(study.best_trial.params) > 1:
-        try:
-            ax = ovm.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
-        except (ValueError, RuntimeError):
-            return  # too few distinct trials for importances
-        save_figure(ax.figure, study_dir / "importance.png")
-        plt.close(ax.figure)
-
-
-def _study_dir(name: str, log_dir: str) -> Path:
-    path = Path(name)
-    return path if (path / MANIFEST).is_file() else Path(log_dir) / name
+def _study_dir(argv: list[str], command: str) -> Path:
+    args = folder_parser(f"tune {command}", "study").parse_args(argv)
+    return campaign_dir(args.study, args.log_dir, MANIFEST)
 
 
 def _status(argv: list[str]) -> int:
-    args = _study_parser("status").parse_args(argv)
-    study_dir = _study_dir(args.study, args.log_dir)
-    manifest, study = load_study(study_dir)
-    rows = trial_rows(study_dir, manifest, study)
-    table = [["trial", "state", manifest["metric"], "epoch", *manifest["space"]]]
-    for r in rows:
-        table.append([str(r["trial"]), r["state"], "-" if r["value"] is None else f"{r['value']:.4f}",
-                      str(r["epoch"] or "-"), *(_short(r["params"].get(k)) for k in manifest["space"])])  # fmt: skip
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    counts = {s: sum(r["state"] == s for r in rows) for s in {r["state"] for r in rows}}
-    print(f"\n{study_dir}: {len(rows)} of {manifest['n_trials']} trials: "
-          + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))  # fmt: skip
+    print_status(_study_dir(argv, "status"))
     return 0
 
 
 def _report(argv: list[str]) -> int:
-    args = _study_parser("report").parse_args(argv)
-    print(f"[tune] report: {write_study_report(_study_dir(args.study, args.log_dir))}")
+    print(f"[tune] report: {write_study_report(_study_dir(argv, 'report'))}")
     return 0
-
-
-def _study_parser(command: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m swin_lightning tune {command}")
-    parser.add_argument("study", help="study folder, or its name under --log_dir")
-    parser.add_argument("--log_dir", default="logs")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"status": _status, "report": _report}
-    try:
-        if argv and argv[0] in commands:
-            return commands[argv[0]](argv[1:])
-        parser = argparse.ArgumentParser(prog="python -m swin_lightning tune",
-                                         description="A hyperparameter search with Optuna. Also: "
-                                         "`tune status STUDY`, `tune report STUDY`.")  # fmt: skip
-        parser.add_argument("--config", action="append", required=True, help="base config")
-        parser.add_argument("spec", help="search spec YAML (study, metric, sampler, space)")
-        parser.add_argument("overrides", nargs="*", help="key=value overrides for every trial")
-        parser.add_argument("--log_dir", default="logs")
-        parser.add_argument("--n_trials", type=int, help="replace the spec's n_trials")
-        add_launcher_flags(parser)
-        parser.set_defaults(parallel=None)
-        args = parser.parse_intermixed_args(argv)
-        settings = launcher_settings(args, SearchSpec.load(args.spec).launcher)
-        study_dir, stopped = run_search(args.config, args.spec, args.log_dir, args.overrides,
-                                        args.n_trials, args.parallel, settings)  # fmt: skip
-        if settings.name == "slurm":
-            return 0
-        if stopped:
-            print(f"[tune] stopped by {signal.Signals(stopped).name}: the running trials saved "
-                  "their last.ckpt; run the same command again to continue the study",
-                  file=sys.stderr)  # fmt: skip
-            return 128 + stopped
-        print(f"[tune] report: {write_study_report(study_dir)}")
+    return dispatch(argv, {"status": _status, "report": _report}, _launch)
+
+
+def _launch(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m swin_lightning tune",
+                                     description="A hyperparameter search with Optuna. Also: "
+                                     "`tune status STUDY`, `tune report STUDY`.")  # fmt: skip
+    parser.add_argument("--config", action="append", required=True, help="base config")
+    parser.add_argument("spec", help="search spec YAML (study, metric, sampler, space)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every trial")
+    parser.add_argument("--log_dir", default="logs")
+    parser.add_argument("--n_trials", type=int, help="replace the spec's n_trials")
+    add_launcher_flags(parser)
+    parser.set_defaults(parallel=None)
+    args = parser.parse_intermixed_args(argv)
+    settings = launcher_settings(args, SearchSpec.load(args.spec).launcher)
+    study_dir, stopped = run_search(args.config, args.spec, args.log_dir, args.overrides,
+                                    args.n_trials, args.parallel, settings)  # fmt: skip
+    if settings.name == "slurm":
         return 0
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1 if isinstance(err, WriteError) else 2
+    if stopped:
+        print(stop_message("tune", stopped, "trials", "continue the study"), file=sys.stderr)
+        return 128 + stopped
+    print(f"[tune] report: {write_study_report(study_dir)}")
+    return 0
