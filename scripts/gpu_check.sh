@@ -5,7 +5,7 @@
 # 2. the environment (GPU, driver, CUDA, versions): no CUDA device is one error line, exit 2;
 # 3. pytest -m gpu (tests/gpu/);
 # 4. bench table 8: the GPU rows against timm and torchvision;
-# 5. a fit of Swin-T 224 through the CLI on generated JPEGs (GPU_CHECK_FIT_SECONDS, 100);
+# 5. a fit of Swin-T 224 through the CLI on generated JPEGs (GPU_CHECK_FIT_SECONDS, 75);
 # 6. report.md + report.json in OUTDIR, the summary table printed last.
 # Each step has a time limit (about 8 minutes in all on one H100/H200) and a failing step
 # does not stop the ones after it; the exit code is 1 if any step failed.
@@ -56,10 +56,10 @@ json.dump(phases, open(path, "w"), indent=1)
 PYEOF
 }
 
-step tests "${GPU_CHECK_TEST_SECONDS:-170}" "$PY" -m pytest -m gpu tests/gpu -q -p no:cacheprovider \
+step tests "${GPU_CHECK_TEST_SECONDS:-230}" "$PY" -m pytest -m gpu tests/gpu -q -p no:cacheprovider \
     --junitxml="$OUT/gpu_tests.xml" -o addopts="-ra --strict-markers"
-step bench "${GPU_CHECK_BENCH_SECONDS:-140}" "$PY" -m swin_lightning bench --tables 8 \
-    --out "$OUT/bench.md" --gpu_budget_s 90
-step fit "${GPU_CHECK_FIT_LIMIT:-140}" "$PY" -m swin_lightning.bench.gpu_check fit "$OUT"
+step bench "${GPU_CHECK_BENCH_SECONDS:-130}" "$PY" -m swin_lightning bench --tables 8 \
+    --out "$OUT/bench.md" --gpu_budget_s 40
+step fit "${GPU_CHECK_FIT_LIMIT:-110}" "$PY" -m swin_lightning.bench.gpu_check fit "$OUT"
 "$PY" -m swin_lightning.bench.gpu_check report "$OUT" || failed=1
 exit $failed

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_workers < 1:
         parser.error(f"--num_workers={args.num_workers} must be >= 1")
-    from swin_lightning.data.packed import BAD_LIST, META, PackError, pack
+    from swin_lightning.data.pack_format import BAD_LIST, META, PackError
+    from swin_lightning.data.packer import pack
 
     try:
         meta = pack(args.root, args.out, args.splits, args.seed, args.num_workers, args.chunk_bytes)

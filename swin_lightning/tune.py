@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from swin_lightning.protocol import PRUNED, SETTINGS
+from swin_lightning.protocol import SETTINGS
 from swin_lightning.runs import attempt
 from swin_lightning.runs.campaign import campaign_dir, dispatch, folder_parser, stop_message
 from swin_lightning.runs.launchers import (
@@ -43,7 +43,7 @@ from swin_lightning.runs.launchers import (
 from swin_lightning.runs.pruning import TrialEnv, make_pruner, open_storage
 from swin_lightning.runs.search import SearchSpec
 from swin_lightning.runs.spec import LauncherSettings, cli_args
-from swin_lightning.runs.store import Run, fingerprint, read_json
+from swin_lightning.runs.store import Run, fingerprint
 from swin_lightning.storage import RunBusyError, RunLock, write_text
 from swin_lightning.study_report import MANIFEST, print_status, write_study_report
 
@@ -178,9 +178,10 @@ class Worker:
         if outcome.status == "failed":
             self.study.tell(number, state=TrialState.FAIL)
             return f"failed ({outcome.message})"
-        if (run.dir / PRUNED).is_file():
+        pruned = run.pruned
+        if pruned:
             self.study.tell(number, state=TrialState.PRUNED)
-            return f"pruned at epoch {read_json(run.dir / PRUNED).get('epoch')}"
+            return f"pruned at epoch {pruned.get('epoch')}"
         values = metric_values(run.dir, self.spec.metric)
         if not values:
             self.study.tell(number, state=TrialState.FAIL)

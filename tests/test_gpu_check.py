@@ -265,3 +265,30 @@ def test_the_check_fit_is_the_swin_t_recipe_compiled_in_bf16(tmp_path):
     assert model["net"]["init_args"]["embed_dim"] == 96 and model["mixup_alpha"] == 0.8
     assert data["init_args"]["root"] == str(tmp_path / "data")
     assert data["init_args"]["num_workers"] == 14 and data["init_args"]["batch_size"] == 128
+
+
+def test_an_interrupted_warm_up_keeps_the_rows_already_measured(monkeypatch):
+    # SIGINT from the check's time limit during a compile: the warm cases are still timed,
+    # the rest are rows that say they were cut.
+    from swin_lightning.bench import gpu
+
+    real = gpu.step_fns
+    calls = {"n": 0}
+
+    def step_fns(model, x, y, dtype):
+        forward, train = real(model, x, y, dtype)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second case's train step (two calls per case)
+
+            def train():
+                raise KeyboardInterrupt
+
+        return forward, train
+
+    monkeypatch.setattr(gpu, "step_fns", step_fns)
+    rows = bench_gpu("cpu", shapes=("cifar_32",), train_batch=2, infer_batch=2, rounds=1,
+                     cases=CPU_CASES)  # fmt: skip
+    by_case = {r["case"]: r for r in rows}
+    assert by_case["swin_lightning"]["train_img_s"] > 0
+    assert [by_case[c].get("skipped") for c in ("timm", "timm, fused attention", "torchvision")] == [
+        "interrupted by the time limit"] * 3  # fmt: skip

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from swin_lightning.data import ImageFolderDataModule, PackedDataModule
-from swin_lightning.data.packed import BAD_LIST, META, iter_labels, pack
+from swin_lightning.data.pack_format import BAD_LIST, META
+from swin_lightning.data.packer import iter_labels, pack
 from swin_lightning.pack import main as pack_main
 from tests.conftest import CONFIGS, REPO, run_cli, write_imagefolder
 from tests.test_resume import callback, fit_subprocess

@@ -107,11 +107,13 @@ def bench_gpu(
     Each case warms up (compiles) alone, timed as ``warmup_s`` (its first train step and
     first inference from cold, compile included); then the cases of a shape are timed
     interleaved. A compiled case not started before ``budget_s`` (from the call) is a row
-    with ``skipped`` set; eager cases always run (seconds each). With ``peak`` (dense bf16 TFLOP/s), each row has its MFU.
+    with ``skipped`` set; eager cases always run (seconds each). A SIGINT during a warm-up
+    (the GPU check's time limit) skips the cases left and times those already warm. With ``peak`` (dense bf16 TFLOP/s), each row has its MFU.
     """
     started = time.perf_counter()
     dtype = torch.bfloat16 if device == "cuda" else None
     rows: list[dict] = []
+    interrupted = False  # SIGINT (the GPU check's time limit): report what was measured
     for shape_name in shapes:
         shape, size = SHAPES[shape_name]
         flops = train_flops_per_image(shape, size) if peak else None
@@ -124,6 +126,9 @@ def bench_gpu(
             row = {"shape": shape_name, "case": case.label, "impl": case.impl,
                    "compile": case.compile, "train_batch": train_batch,
                    "infer_batch": infer_batch}  # fmt: skip
+            if interrupted:
+                rows.append({**row, "skipped": "interrupted by the time limit"})
+                continue
             if case.compile != "none" and time.perf_counter() - started > budget_s:
                 rows.append({**row, "skipped": f"time budget of {budget_s:.0f} s spent"})
                 continue
@@ -137,6 +142,10 @@ def bench_gpu(
                 train()
                 infer()
                 sync_device()
+            except KeyboardInterrupt:
+                interrupted = True
+                rows.append({**row, "skipped": "interrupted by the time limit"})
+                continue
             except Exception as err:  # a case that fails is a row that says why
                 rows.append({**row, "skipped": f"{type(err).__name__}: {err}"[:300]})
                 continue
@@ -146,8 +155,9 @@ def bench_gpu(
             info[case.label] = {**row, "warmup_s": warmup, "peak_mb": memory}
         if not train_fns:
             continue
-        train_s = interleaved(train_fns, rounds, warmup=1)
-        infer_s = interleaved(infer_fns, rounds, warmup=1)
+        timed_rounds = min(rounds, 3) if interrupted else rounds  # little time is left
+        train_s = interleaved(train_fns, timed_rounds, warmup=1)
+        infer_s = interleaved(infer_fns, timed_rounds, warmup=1)
         for label, row in info.items():
             img_s = train_batch / train_s[label]
             rows.append(

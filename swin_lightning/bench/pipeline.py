@@ -63,7 +63,8 @@ def bench_input_pipeline(num_images: int, workers: list[int], rounds: int = 3) -
     try:
         import litdata  # noqa: F401
 
-        from swin_lightning.data.packed import PackedDataModule, pack
+        from swin_lightning.data.packed import PackedDataModule
+        from swin_lightning.data.packer import pack
     except ImportError:
         pack = None
     rows = []

@@ -9,7 +9,6 @@ saved) or failed (with the log to read).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,7 +23,6 @@ from typing import IO
 
 from swin_lightning.protocol import (
     CHECKPOINTS,
-    FINISHED,
     LAST_CKPT,
     LAUNCHER_ENV,
     SIGINT_EXIT_CODE,
@@ -32,8 +30,8 @@ from swin_lightning.protocol import (
 )
 from swin_lightning.report import read_run
 from swin_lightning.runs.spec import varied_settings
-from swin_lightning.runs.store import Run, attempt_ended, attempt_started
-from swin_lightning.storage import RunLock, write_text
+from swin_lightning.runs.store import Run
+from swin_lightning.storage import RunLock
 
 STOPPED_CODES = (SIGINT_EXIT_CODE, SIGTERM_EXIT_CODE, -signal.SIGINT, -signal.SIGTERM)
 
@@ -145,7 +143,7 @@ def start(
     if lock is not None:
         if not resume:
             _fresh_start(run.dir)
-        attempt_started(run, launcher, **record)
+        run.attempt_started(launcher, **record)
     cmd = fit_command(run, resume)
     child_env = {**os.environ, LAUNCHER_ENV: launcher, **(env or {}),
                  **(lock.env() if lock else {})}  # fmt: skip
@@ -175,18 +173,15 @@ def finish(attempt: Attempt, code: int, stopped_as: str = "interrupted") -> RunO
             SIGTERM_EXIT_CODE: "SIGTERM",
             -signal.SIGTERM: "SIGTERM",
         }[code]
-        attempt_ended(run, stopped_as, code, f"stopped by {name}; {saved}")
+        run.attempt_ended(stopped_as, code, f"stopped by {name}; {saved}")
         return RunOutcome(run.variant, run.seed, "interrupted", seconds, run.dir, saved)
     if code != 0:
         message = f"exit code {code}; see {run.dir / 'fit.log'}"
-        attempt_ended(run, "failed", code, message)
+        run.attempt_ended("failed", code, message)
         return RunOutcome(run.variant, run.seed, "failed", seconds, run.dir, message)
     log_hparams(run)
     total = float(run.record.get("seconds") or 0) + seconds
-    record = {"seconds": round(total, 1), "resumed": attempt.resumed,
-              "fingerprint": run.fingerprint, "seed": run.seed}  # fmt: skip
-    write_text(run.dir / FINISHED, json.dumps(record))
-    attempt_ended(run, "finished", 0)
+    run.mark_finished(total, attempt.resumed)
     status = "resumed" if attempt.resumed else "done"
     return RunOutcome(run.variant, run.seed, status, seconds, run.dir)
 

@@ -35,12 +35,9 @@ from swin_lightning.runs import attempt
 from swin_lightning.runs.attempt import Attempt, RunOutcome
 from swin_lightning.runs.spec import LauncherSettings, SlurmSettings
 from swin_lightning.runs.store import (
-    JOB_RECORD,
     SLURM_ACTIVE,
     Run,
-    read_json,
     slurm_job_state,
-    update_json,
 )
 from swin_lightning.storage import RunBusyError, RunLock
 
@@ -242,7 +239,7 @@ class RunJob:
                            f"max_requeues={self.max_requeues}; --retry_failed resumes it")  # fmt: skip
                 run.update(state="failed", message=message, exit_code=None, requeues=requeues)
                 return message
-            job = read_json(run.dir / JOB_RECORD)
+            job = run.job
             # SLURM delivers USR2 to every process of the task: only this one acts on it.
             self._attempt = attempt.start(
                 run, lock, "slurm", env=env, ignore=(signal.SIGUSR2,), job_id=self.job_id(),
@@ -339,7 +336,7 @@ class SlurmLauncher:
         executor = self.executor()
         outcomes, todo = [], []
         for run in runs:
-            job = read_json(run.dir / JOB_RECORD)
+            job = run.job
             state = slurm_job_state(job.get("job_id", "")) if job else None
             if run.finished:
                 outcomes.append(RunOutcome(run.variant, run.seed, "skipped", 0, run.dir))
@@ -360,7 +357,7 @@ class SlurmLauncher:
         with executor.batch():
             jobs = [executor.submit(RunJob(run, self.settings.max_requeues)) for run in todo]
         for run, job in zip(todo, jobs, strict=True):
-            update_json(run.dir / JOB_RECORD, job_id=job.job_id, stdout=str(job.paths.stdout),
+            run.update_job(job_id=job.job_id, stdout=str(job.paths.stdout),
                         stderr=str(job.paths.stderr), submitted=time.time(),
                         submit_host=socket.gethostname())  # fmt: skip
             outcomes.append(RunOutcome(run.variant, run.seed, "submitted", 0, run.dir,

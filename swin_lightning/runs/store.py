@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from swin_lightning.events import DamagedRunError, read_scalars, scalar_values
-from swin_lightning.protocol import FINISHED, JOB_RECORD, RUN_RECORD
+from swin_lightning.protocol import FINISHED, JOB_RECORD, PRUNED, RUN_RECORD
 from swin_lightning.storage import RunLock, write_text
 
 MANIFEST = "experiment.json"
@@ -83,6 +83,43 @@ class Run:
     @property
     def finished(self) -> bool:
         return read_json(self.dir / FINISHED).get("fingerprint") == self.fingerprint
+
+    @property
+    def pruned(self) -> dict[str, Any]:
+        """What tune's pruner left when it stopped this trial (``pruned.json``); {} if not."""
+        return read_json(self.dir / PRUNED)
+
+    @property
+    def job(self) -> dict[str, Any]:
+        """The run's SLURM job (``job.json``: id, log paths, submission time); {} if none."""
+        return read_json(self.dir / JOB_RECORD)
+
+    def update_job(self, **fields: Any) -> dict[str, Any]:
+        return update_json(self.dir / JOB_RECORD, **fields)
+
+    def attempt_started(self, launcher: str, **fields: Any) -> dict[str, Any]:
+        """Record that an attempt starts now (on this host); returns the record."""
+        record = self.record
+        return self.update(
+            state="running", attempts=int(record.get("attempts", 0)) + 1, launcher=launcher,
+            host=socket.gethostname(), started=time.time(), ended=None, exit_code=None,
+            message="", seconds=float(record.get("seconds") or 0), **fields,
+        )  # fmt: skip
+
+    def attempt_ended(self, state: str, exit_code: int | None, message: str = "") -> None:
+        """Record how an attempt ended; its time adds to the run's elapsed seconds."""
+        record = self.record
+        spent = time.time() - record["started"] if record.get("started") else 0.0
+        self.update(state=state, exit_code=exit_code, message=message, ended=time.time(),
+                    seconds=round(float(record.get("seconds") or 0) + spent, 1))  # fmt: skip
+
+    def mark_finished(self, seconds: float, resumed: bool) -> None:
+        """The run has finished: ``finished.json`` (its fingerprint: a later run with other
+        settings is not taken for it) and the attempt's end."""
+        record = {"seconds": round(seconds, 1), "resumed": resumed,
+                  "fingerprint": self.fingerprint, "seed": self.seed}  # fmt: skip
+        write_text(self.dir / FINISHED, json.dumps(record))
+        self.attempt_ended("finished", 0)
 
     def to_dict(self, exp_dir: Path) -> dict[str, Any]:
         out = asdict(self)
@@ -180,7 +217,7 @@ def read_status(run: Run, progress: bool = True) -> RunStatus:
     pending (never started, or queued), or what its last attempt recorded (failed,
     interrupted); an attempt that died without a word is interrupted, or failed when SLURM
     says its job ended so."""
-    record, job = run.record, read_json(run.dir / JOB_RECORD)
+    record, job = run.record, run.job
     status = RunStatus(run, "pending", attempts=int(record.get("attempts", 0)),
                        job_id=record.get("job_id") or job.get("job_id"),
                        host=record.get("host"), message=record.get("message", ""))  # fmt: skip
@@ -228,24 +265,6 @@ def read_status(run: Run, progress: bool = True) -> RunStatus:
     if status.state in ("failed", "interrupted") and job.get("stderr") and status.log is None:
         status.log = Path(job["stderr"])
     return status
-
-
-def attempt_started(run: Run, launcher: str, **fields: Any) -> dict[str, Any]:
-    """Record that an attempt starts now (on this host); returns the record."""
-    record = run.record
-    return run.update(
-        state="running", attempts=int(record.get("attempts", 0)) + 1, launcher=launcher,
-        host=socket.gethostname(), started=time.time(), ended=None, exit_code=None,
-        message="", seconds=float(record.get("seconds") or 0), **fields,
-    )  # fmt: skip
-
-
-def attempt_ended(run: Run, state: str, exit_code: int | None, message: str = "") -> None:
-    """Record how an attempt ended; its time adds to the run's elapsed seconds."""
-    record = run.record
-    spent = time.time() - record["started"] if record.get("started") else 0.0
-    run.update(state=state, exit_code=exit_code, message=message, ended=time.time(),
-               seconds=round(float(record.get("seconds") or 0) + spent, 1))  # fmt: skip
 
 
 def _fmt(value: Any, spec: str = "") -> str:

