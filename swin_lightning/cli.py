@@ -28,8 +28,8 @@ from swin_lightning.callbacks import (
     PartialPredictionError,
     PredictionCSVWriter,
 )
+from swin_lightning.classifier import SwinClassifier
 from swin_lightning.data import ClassificationDataModule
-from swin_lightning.module import SwinClassifier
 from swin_lightning.protocol import LAUNCHER_ENV, SIGINT_EXIT_CODE, SIGTERM_EXIT_CODE
 from swin_lightning.resilience import (
     CheckedCheckpointIO,

@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from swin_lightning.models import SwinTransformer
-from swin_lightning.module import StepScheduledOptimization, set_flops, weight_decay_groups
+from swin_lightning.optimization import StepScheduledOptimization, set_flops, weight_decay_groups
 
 # Validation masks come from their own seeds, apart from the training steps' seeds.
 VAL_SEED_OFFSET = 1_000_003

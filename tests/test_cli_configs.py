@@ -91,10 +91,10 @@ def _composed(printed, wanted) -> bool:
 
 
 def test_fsdp_overlay_wraps_each_swin_block():
+    from swin_lightning.classifier import SwinClassifier
     from swin_lightning.cli import SwinCLI
     from swin_lightning.data import ClassificationDataModule
     from swin_lightning.models.swin import SwinBlock
-    from swin_lightning.module import SwinClassifier
 
     class Parsed(Exception):
         pass

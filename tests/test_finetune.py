@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import yaml
 from timm.models.swin_transformer import SwinTransformer as TimmSwin
 
+from swin_lightning.classifier import SwinClassifier
 from swin_lightning.models import SwinTransformer, load_pretrained
-from swin_lightning.module import SwinClassifier
 from swin_lightning.schedules import WarmupCosineLR
 from tests.conftest import CONFIGS, QUIET, run_cli, write_imagefolder
 

@@ -139,3 +139,17 @@ def documented_but_missing(path: Path) -> list[str]:
 def test_docstrings_document_only_real_arguments():
     wrong = {str(p.relative_to(REPO)): documented_but_missing(p) for p in PACKAGE.rglob("*.py")}
     assert {p: w for p, w in wrong.items() if w} == {}
+
+
+def test_moved_modules_keep_their_old_import_paths():
+    # Users' imports and configs of the classifier and the packed data module keep working.
+    from swin_lightning.classifier import SwinClassifier
+    from swin_lightning.data.pack_format import META, PackError
+    from swin_lightning.data.packed import META as PACKED_META
+    from swin_lightning.data.packed import PackError as PackedError
+    from swin_lightning.module import SwinClassifier as OldPath
+    from swin_lightning.module import weight_decay_groups
+    from swin_lightning.optimization import weight_decay_groups as moved
+
+    assert OldPath is SwinClassifier and weight_decay_groups is moved
+    assert (PACKED_META, PackedError) == (META, PackError)

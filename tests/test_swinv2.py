@@ -191,7 +191,7 @@ def test_cosine_attention_trains_finite_in_bf16_autocast():
 
 
 def test_v2_parameters_take_no_weight_decay():
-    from swin_lightning.module import weight_decay_groups
+    from swin_lightning.optimization import weight_decay_groups
 
     model = create_model("swinv2_cifar", **TINY)
     decayed, _ = weight_decay_groups(model, model.no_weight_decay_keywords())

@@ -15,7 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from swin_lightning.models import create_model
-from swin_lightning.module import weight_decay_groups
+from swin_lightning.optimization import weight_decay_groups
 from swin_lightning.schedules import WarmupCosineLR, WarmupMultiStepLR, WarmupStepLR
 from tests.conftest import CONFIGS, REPO, TINY_DEMO, run_cli, write_imagefolder
 
@@ -128,7 +128,7 @@ def test_fsdp_clips_by_the_global_norm_and_other_strategies_by_lightning(monkeyp
 
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-    from swin_lightning.module import SwinClassifier
+    from swin_lightning.classifier import SwinClassifier
 
     module = SwinClassifier(
         create_model("swin_cifar", num_classes=10, depths=(1, 1), num_heads=(3, 6))

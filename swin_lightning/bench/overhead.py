@@ -88,7 +88,7 @@ def bench_overhead(rounds: int, steps: int, batch: int = 64) -> dict[str, float]
         return (time.perf_counter() - start) / steps
 
     def full_module():
-        from swin_lightning.module import SwinClassifier
+        from swin_lightning.classifier import SwinClassifier
 
         return SwinClassifier(net(), label_smoothing=0.0)
 
