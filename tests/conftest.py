@@ -90,6 +90,18 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 @pytest.fixture
+def dynamo():
+    """torch.compile's counters (graphs, graph breaks, frames) from a clean dynamo state."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run in a temporary folder, so logs/ and checkpoints land there."""
     monkeypatch.chdir(tmp_path)

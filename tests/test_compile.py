@@ -15,14 +15,6 @@ NET = {"img_size": 32, "patch_size": 2, "embed_dim": 16, "depths": (2, 2), "num_
        "window_size": 4, "num_classes": 5, "drop_path_rate": 0.2}  # fmt: skip
 
 
-@pytest.fixture
-def dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield counters
-    torch._dynamo.reset()
-
-
 def train_val_train_val(net, x):
     """Compiled graphs after each phase: train step, val step, train step, val step."""
     graphs = []

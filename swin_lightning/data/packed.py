@@ -2,16 +2,11 @@
 read as a stream (local folder, or ``s3://``/``gs://``/... with a local cache) with exact
 mid-epoch resume.
 
-Layout of a packed folder (``python -m swin_lightning pack --root TREE --out DIR``)::
-
-    DIR/train/   litdata chunks + index.json: the encoded image bytes as they were, label, path
-    DIR/val/     the same for the validation split
-    DIR/meta.json        class names, samples per class and split (written last: a pack
-                         without it is unfinished, and ``pack`` resumes it)
-    DIR/bad_images.txt   files that could not be decoded (listed, not packed)
+The layout of a packed folder (``python -m swin_lightning pack --root TREE --out DIR``) is
+in :mod:`swin_lightning.data.pack_format`.
 
 Opening a packed split reads its ``index.json`` only: no per-file ``stat``. Packing is
-:mod:`swin_lightning.data.packer`; the format, :mod:`swin_lightning.data.pack_format`.
+:mod:`swin_lightning.data.packer`.
 """
 
 from __future__ import annotations

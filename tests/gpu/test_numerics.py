@@ -163,14 +163,6 @@ def test_cosine_attention_trains_in_bf16():
     assert relative_error(total, want) < 0.1  # bf16 keeps 8 bits of mantissa
 
 
-@pytest.fixture
-def dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield counters
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize(("how", "case"), [("full", "v1-window7"), ("regional", "v1-square")])
 def test_compile_on_cuda_is_clean_and_equals_eager(how, case, dynamo):
     # window 7 (49 tokens) is the size inductor must pad for the attention bias
