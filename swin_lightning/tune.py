@@ -66,13 +66,12 @@ def create_study(spec: SearchSpec, url: str, worker: int = 0) -> Any:
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
-        "grid": lambda: optuna.samplers.GridSampler(
-            {k: p.choices for k, p in spec.space.items()}, seed=seed
-        ),
+        # The grid's points are queued in the study (enqueue_grid), so workers never draw the
+        # same point; the sampler only serves a trial asked for past the queue.
+        "grid": lambda: optuna.samplers.RandomSampler(seed=seed),
     }
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.RandomSampler(seed=seed) if spec.sampler == "grid" else (
-        samplers[spec.sampler]())  # fmt: skip
+    sampler = samplers[spec.sampler]()
     study = optuna.create_study(
         study_name=spec.study, storage=open_storage(url), sampler=sampler,
         pruner=make_pruner(spec.pruner), direction=spec.direction, load_if_exists=True,
