@@ -39,8 +39,6 @@ from swin_lightning.storage import (
     save_checkpoint,
 )
 
-LAST = LAST_CKPT  # ModelCheckpoint.CHECKPOINT_NAME_LAST + FILE_EXTENSION
-
 
 class CheckedCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO, writing and reading through :mod:`swin_lightning.storage`.
@@ -132,7 +130,7 @@ class StepCheckpoint(L.Callback):
 
     def save(self, trainer: L.Trainer) -> Path:
         """Write ``last.ckpt`` of the current state (all ranks must call this)."""
-        path = checkpoint_dir(trainer) / LAST
+        path = checkpoint_dir(trainer) / LAST_CKPT
         trainer.save_checkpoint(path, weights_only=False)
         self.saved_step, self.saved_path = trainer.global_step, path
         return path
@@ -230,7 +228,7 @@ class NonFiniteLossGuard(L.Callback):
         value = float(loss.detach().float().flatten()[0]) if bad else float("nan")
         where = "" if trainer.world_size == 1 else " on this rank" if bad else " on another rank"
         loop = trainer.fit_loop.epoch_loop
-        last = checkpoint_dir(trainer) / LAST
+        last = checkpoint_dir(trainer) / LAST_CKPT
         kept = (
             f"The last good checkpoint, {last}, was not overwritten: resume from it with "
             "`--ckpt_path last` after changing the settings."

@@ -19,8 +19,6 @@ from swin_lightning.storage import (
     remove_stale_tmp,
 )
 
-LAST = LAST_CKPT
-
 
 def _version_key(path: Path) -> tuple[float, int]:
     match = re.fullmatch(r"version_(\d+)", path.parent.parent.name)
@@ -68,16 +66,18 @@ def resolve_resume(config: Any, subcommand: str) -> Path | None:
             runs = [root / _run_dir_name(logger.version)]
         else:
             runs = sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
-        found = [r / CHECKPOINTS / LAST for r in runs if (r / CHECKPOINTS / LAST).exists()]
+        found = [
+            r / CHECKPOINTS / LAST_CKPT for r in runs if (r / CHECKPOINTS / LAST_CKPT).exists()
+        ]
         if dirpath:
-            found = [Path(dirpath) / LAST] if (Path(dirpath) / LAST).exists() else []
+            found = [Path(dirpath) / LAST_CKPT] if (Path(dirpath) / LAST_CKPT).exists() else []
         if not found:
             if str(requested) == "auto":
                 config.ckpt_path = None
                 return None
             where = Path(dirpath) if dirpath else (root or Path(".")) / "*" / CHECKPOINTS
             raise ValueError(
-                f"--ckpt_path last: no {LAST} under {where}. Start a new run without "
+                f"--ckpt_path last: no {LAST_CKPT} under {where}. Start a new run without "
                 "--ckpt_path, pass a checkpoint file, or use --ckpt_path auto (resume when "
                 "there is a checkpoint, start fresh otherwise)."
             )

@@ -66,15 +66,11 @@ def run_cli(*args: str, run: bool = True):
 
 def cuda_missing_reason() -> str | None:
     """Why the ``gpu`` tests cannot run here (None: a CUDA device is visible)."""
-    import torch
 
-    if torch.cuda.is_available():
-        return None
-    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-    return (
-        f"gpu: no CUDA device visible (torch {torch.__version__}, {build}); "
-        "scripts/gpu_check.sh runs these on a GPU machine"
-    )
+    from swin_lightning.bench.gpu_check import no_cuda_reason
+
+    reason = no_cuda_reason()
+    return f"gpu: {reason}; scripts/gpu_check.sh runs these on a GPU machine" if reason else None
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -15,8 +15,8 @@ from torch import nn
 from swin_lightning.bench.harness import interleaved, sync_device
 from swin_lightning.bench.models import (
     SHAPES,
-    _peak_cuda_mb,
     build_model,
+    peak_cuda_mb,
     step_fns,
     train_flops_per_image,
 )
@@ -150,7 +150,7 @@ def bench_gpu(
                 rows.append({**row, "skipped": f"{type(err).__name__}: {err}"[:300]})
                 continue
             warmup = time.perf_counter() - t0
-            memory = _peak_cuda_mb(train)
+            memory = peak_cuda_mb(train)
             train_fns[case.label], infer_fns[case.label] = train, infer
             info[case.label] = {**row, "warmup_s": warmup, "peak_mb": memory}
         if not train_fns:

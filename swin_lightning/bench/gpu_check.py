@@ -31,6 +31,17 @@ REPO = Path(__file__).resolve().parents[2]
 FIT_CLASSES, FIT_PER_CLASS, FIT_SIZE = 32, 160, 256  # 5,120 training JPEGs of 256x256
 
 
+def no_cuda_reason() -> str | None:
+    """Why CUDA cannot be used here ("no CUDA device visible (torch ..., CUDA ...)"), or None."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    return f"no CUDA device visible (torch {torch.__version__}, {build}; CUDA_VISIBLE_DEVICES={visible})"
+
+
 def environment() -> dict[str, Any]:
     """What the report says the check ran on. Raises RuntimeError without a CUDA device."""
     import lightning
@@ -38,13 +49,9 @@ def environment() -> dict[str, Any]:
     import torch
     import torchvision
 
-    if not torch.cuda.is_available():
-        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise RuntimeError(
-            f"no CUDA device visible (torch {torch.__version__}, {build}; "
-            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
-            "run the GPU check on a machine with an NVIDIA GPU"
-        )
+    reason = no_cuda_reason()
+    if reason:
+        raise RuntimeError(f"{reason}: run the GPU check on a machine with an NVIDIA GPU")
     props = torch.cuda.get_device_properties(0)
     driver = "unknown"
     with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
@@ -70,15 +77,20 @@ def environment() -> dict[str, Any]:
     }
 
 
-def write_images(root: Path, classes: int, per_class: int, size: int, val_per_class: int = 8):
+def write_images(
+    root: Path, classes: int, per_class: int, size: int, val_per_class: int = 8
+) -> Path:
     """An ImageFolder tree of smooth random JPEGs (upsampled noise: natural-image-like sizes
-    and decode cost, unlike raw noise)."""
+    and decode cost, unlike raw noise), saved 4:4:4 so every decoder gives nearly the same
+    pixels (nvJPEG replicates chroma where libjpeg-turbo interpolates it)."""
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = [(root / split / f"c{c:03d}", per_class if split == "train" else val_per_class, c, size)
+    jobs = [(root / split / f"c{c:03d}", per_class if split == "train" else val_per_class,
+             c + 1000 * (split == "val"), size)
             for split in ("train", "val") for c in range(classes)]  # fmt: skip
     with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         list(pool.map(_write_class, jobs))
+    return root
 
 
 def _write_class(job: tuple[Path, int, int, int]) -> None:
@@ -91,7 +103,7 @@ def _write_class(job: tuple[Path, int, int, int]) -> None:
     for i in range(count):
         small = rng.integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
         image = Image.fromarray(small).resize((size, size), Image.BICUBIC)
-        image.save(folder / f"{i}.jpg", quality=90)
+        image.save(folder / f"{i}.jpg", quality=90, subsampling=0)
 
 
 def fit_args(data: Path, logs: Path, seconds: int, workers: int) -> list[str]:

@@ -144,7 +144,7 @@ def train_flops_per_image(shape: str, size: int) -> int:
     return 3 * count_flops(build_model("swin_lightning", shape), (3, size, size))
 
 
-def _peak_cuda_mb(step: Callable[[], None]) -> float | None:
+def peak_cuda_mb(step: Callable[[], None]) -> float | None:
     """Peak CUDA memory of one call above what was allocated before it (None on CPU)."""
     if not torch.cuda.is_available():
         return None
@@ -192,7 +192,7 @@ def bench_models(
                 for model in models.values():
                     model.compile(backend=compile_backend)
             fns = {impl: step_fns(m, inputs[impl], y, variant.dtype) for impl, m in models.items()}
-            memory = {impl: _peak_cuda_mb(f[1]) for impl, f in fns.items()}
+            memory = {impl: peak_cuda_mb(f[1]) for impl, f in fns.items()}
             fwd = interleaved({k: f[0] for k, f in fns.items()}, rounds)
             train = interleaved({k: f[1] for k, f in fns.items()}, rounds)
             for impl in models:

@@ -124,32 +124,15 @@ def test_export_of_a_gpu_trained_checkpoint_runs_in_onnxruntime(in_tmp, capsys):
     assert abs(got - want).max() < 1e-4
 
 
-def write_smooth_jpegs(root: Path, classes: int = 3, per_class: int = 8, size: int = 48) -> Path:
-    """root/{train,val}/<class>/<n>.jpg: smooth images (upsampled noise, like photographs)
-    saved 4:4:4, so no decoder's chroma upsampling differs (nvJPEG replicates, libjpeg-turbo
-    interpolates: tens of levels apart on 4:2:0 pixel noise)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in range(classes):
-            folder = root / split / f"c{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                small = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
-                image = Image.fromarray(small).resize((size, size), Image.BICUBIC)
-                image.save(folder / f"{i}.jpg", quality=90, subsampling=0)
-    return root
-
-
 @pytest.fixture(scope="module")
 def jpeg_pack(tmp_path_factory):
     pytest.importorskip("litdata", reason="the packed extra (litdata)")
     from swin_lightning.pack import main as pack_main
 
     tmp = tmp_path_factory.mktemp("gpu_pack")
-    tree = write_smooth_jpegs(tmp / "tree")
+    from swin_lightning.bench.gpu_check import write_images
+
+    tree = write_images(tmp / "tree", classes=3, per_class=8, size=48, val_per_class=8)
     out = tmp / "packed"
     assert pack_main(["--root", str(tree), "--out", str(out), "--num_workers", "2"]) == 0
     return out
