@@ -7,7 +7,8 @@
 # 4. bench table 8: the GPU rows against timm and torchvision;
 # 5. a fit of Swin-T 224 through the CLI on generated JPEGs (GPU_CHECK_FIT_SECONDS, 75);
 # 6. report.md + report.json in OUTDIR, the summary table printed last.
-# Each step has a time limit (about 8 minutes in all on one H100/H200) and a failing step
+# Each step has a time limit (230 + 130 + 110 s: at most about 8 minutes with the set-up;
+# not yet timed on a GPU) and a failing step
 # does not stop the ones after it; the exit code is 1 if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
