@@ -255,15 +255,26 @@ def finish_logger_runs(trainer: Trainer | None, failed: bool) -> None:
 
     W&B holds an offline run's history in memory until the run finishes (the run file is its
     7-byte header until then), and Lightning leaves the run open. One command is one run, so it
-    ends with the command: its files are complete when ``cli_main`` returns, in-process too,
-    and a later command in the same process starts a new run instead of reusing this one.
+    ends with the command, and a later command in the same process starts a new run instead of
+    reusing this one. ``run.finish`` only tells W&B's service process that the run is over; the
+    service writes the rest of the run file when it closes the run, later (under load a test
+    once read the file before that). So where no other W&B run is open in this process, the
+    service is shut down too, which waits for it: the files are complete when ``cli_main``
+    returns, in-process too.
     """
     from lightning.pytorch.loggers import WandbLogger
 
+    finished = False
     for logger in trainer.loggers if trainer is not None else ():
         run = getattr(logger, "_experiment", None) if isinstance(logger, WandbLogger) else None
         if run is not None:
             run.finish(exit_code=1 if failed else 0)
+            finished = True
+    if finished:
+        import wandb
+
+        if wandb.run is None:  # a user's own open run (a notebook) keeps the service alive
+            wandb.teardown()
 
 
 def _batches_started(trainer: Trainer | None) -> bool:

@@ -24,7 +24,7 @@ import yaml
 from swin_lightning import storage
 from swin_lightning.storage import RunLock, WriteError, atomic_open, write_text
 from tests.conftest import CONFIGS, QUIET, REPO, TINY_DEMO, run_cli
-from tests.test_resume import callback, fit_subprocess, step_of
+from tests.test_resume import fit_subprocess, step_of
 
 ONE_EPOCH = [*TINY_DEMO, "--trainer.max_epochs=1"]
 RUN_DIR = Path("logs/demo/version_0")
@@ -294,14 +294,6 @@ def test_new_runs_started_together_get_their_own_folders(in_tmp):
 
 
 # ---------------------------------------------------------------------------- signals
-def test_ctrl_c_saves_last_ckpt_and_exits_130(in_tmp):
-    stopped = fit_subprocess(*TINY_DEMO, "--trainer.max_epochs=3",
-                             callback("KillAt", step=5, signum=int(signal.SIGINT)), cwd=in_tmp)  # fmt: skip
-    assert stopped.returncode == 130, stopped.stderr[-3000:]
-    assert "SIGINT (Ctrl+C): saved" in stopped.stderr and "--ckpt_path last" in stopped.stderr
-    assert step_of(in_tmp / RUN_DIR / "checkpoints" / "last.ckpt") == 5
-
-
 ABLATE_BASE = str(CONFIGS / "ablations" / "window_pairs.yaml")
 ABLATE_TINY = [
     "trainer.max_epochs=2", "data.init_args.train_size=96", "data.init_args.val_size=32",

@@ -1,4 +1,5 @@
-"""Crash safety: SIGKILL mid-epoch then ``--ckpt_path last``, SIGTERM, NaN loss, auto-resume, DDP."""
+"""Crash safety: a fit stopped by SIGKILL, SIGTERM or SIGINT (with EMA too) resumes exactly with
+``--ckpt_path last``; NaN loss, auto-resume, DDP."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from swin_lightning.resilience import NonFiniteLossError
@@ -79,21 +82,6 @@ def step_of(ckpt: Path) -> int:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run every resumed run must reproduce."""
-    root = tmp_path_factory.mktemp("reference")
-    cli = run_cli("fit", *RUN, RECORD, f"--trainer.logger.init_args.save_dir={root}")
-    record = next(c for c in cli.trainer.callbacks if isinstance(c, RecordBatches))
-    return {
-        "step": cli.trainer.global_step,
-        "weights": {k: v.clone() for k, v in cli.model.state_dict().items()},
-        "metrics": {k: float(v) for k, v in cli.trainer.callback_metrics.items()},
-        "targets": record.targets,
-        "log_dir": Path(cli.trainer.log_dir),
-    }
-
-
 def assert_same_as_reference(cli, reference, log_dir: Path) -> None:
     assert cli.trainer.global_step == reference["step"] == STEPS
     weights = cli.model.state_dict()
@@ -108,40 +96,112 @@ def assert_same_as_reference(cli, reference, log_dir: Path) -> None:
         assert scalars(log_dir, tag) == scalars(reference["log_dir"], tag), tag
 
 
-def test_sigkill_mid_epoch_then_resume_last_is_exact(in_tmp, reference):
-    killed = fit_subprocess(*RUN, callback("KillAt", step=7), cwd=in_tmp)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+EMA = ["--config", str(CONFIGS / "callbacks" / "ema.yaml"),
+       "--trainer.callbacks.init_args.decay=0.9"]  # fmt: skip
+
+
+class Stop(NamedTuple):
+    """A way a fit is stopped, and what it must leave behind."""
+
+    signum: int
+    at_step: int  # the process signals itself right after this optimizer step
+    exit_code: int
+    saved_step: int  # of last.ckpt after the stop
+    message: str | None  # what it prints on the way out (SIGKILL: nothing can be printed)
+    extra: tuple[str, ...] = ()  # settings of the run (the reference run has them too)
+
+
+# last.ckpt is written every 2 steps (RUN). SIGKILL loses the steps after the newest of those;
+# SIGTERM (a scheduler's stop) and SIGINT (Ctrl+C) save the step they arrive at, an odd one,
+# so the checkpoint can only be their own save.
+STOPS = {
+    "SIGKILL": Stop(signal.SIGKILL, 7, -signal.SIGKILL, 6, None),
+    "SIGTERM": Stop(signal.SIGTERM, 5, 143, 5, "SIGTERM: saved"),
+    "SIGINT": Stop(signal.SIGINT, 5, 130, 5, "SIGINT (Ctrl+C): saved"),
+    # configs/callbacks/ema.yaml: the weight average resumes too
+    "SIGKILL, EMA": Stop(signal.SIGKILL, 7, -signal.SIGKILL, 6, None, tuple(EMA)),
+}
+
+
+def ema_average(cli) -> tuple[dict[str, torch.Tensor], int]:
+    ema = next(c for c in cli.trainer.callbacks if isinstance(c, EMAWeightAveraging))
+    model = ema._average_model
+    return {k: v.clone() for k, v in model.module.state_dict().items()}, int(model.n_averaged)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """The uninterrupted run each stopped run must reproduce, one per settings (cached)."""
+    cache: dict[tuple[str, ...], dict] = {}
+
+    def get(extra: tuple[str, ...]) -> dict:
+        if extra not in cache:
+            root = tmp_path_factory.mktemp("reference")
+            cli = run_cli("fit", *RUN, *extra, RECORD,
+                          f"--trainer.logger.init_args.save_dir={root}")  # fmt: skip
+            record = next(c for c in cli.trainer.callbacks if isinstance(c, RecordBatches))
+            cache[extra] = {
+                "cli": cli,
+                "step": cli.trainer.global_step,
+                "weights": {k: v.clone() for k, v in cli.model.state_dict().items()},
+                "metrics": {k: float(v) for k, v in cli.trainer.callback_metrics.items()},
+                "targets": record.targets,
+                "log_dir": Path(cli.trainer.log_dir),
+            }
+        return cache[extra]
+
+    return get
+
+
+def assert_ema_reference(reference: dict) -> None:
+    """EMA: validation and the checkpoint hold the average, which differs from the raw
+    weights it follows, and it is updated once per optimizer step."""
+    want, want_n = ema_average(reference["cli"])
+    assert want_n == STEPS
+    raw = reference["weights"]  # at the end the model holds the average (what test uses)
+    assert all(torch.equal(raw[k], want[k]) for k in want)
+    saved = torch.load(reference["log_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(torch.equal(saved["state_dict"][k], want[k]) for k in want)
+    assert any(not torch.equal(saved["current_model_state"][k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("case", list(STOPS))
+def test_a_stopped_fit_saves_and_resumes_exactly(case, in_tmp, references):
+    stop = STOPS[case]
+    reference = references(stop.extra)
+    stopped = fit_subprocess(*RUN, *stop.extra,
+                             callback("KillAt", step=stop.at_step, signum=int(stop.signum)),
+                             cwd=in_tmp)  # fmt: skip
+    assert stopped.returncode == stop.exit_code, stopped.stderr[-3000:]
+    if stop.message:
+        assert stop.message in stopped.stderr and "--ckpt_path last" in stopped.stderr
     run_dir = in_tmp / "logs" / "demo" / "version_0"
     last = run_dir / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=True)
-    # Killed after step 7: the step checkpoint of step 6 survives, mid-epoch (epoch 1, batch 2).
-    assert state["global_step"] == 6 and state["epoch"] == 1
+    epoch, batches = divmod(stop.saved_step, STEPS // 3)  # mid-epoch 1
+    assert (state["global_step"], state["epoch"]) == (stop.saved_step, epoch)
     assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
-        {"epoch": 1, "batches": 2}
+        {"epoch": epoch, "batches": batches}
     ]
     assert {"torch", "numpy", "python"} <= set(state["callbacks"]["ResumeState"]["rng"])
 
-    cli = run_cli("fit", *RUN, RECORD, "--ckpt_path=last")
+    cli = run_cli("fit", *RUN, *stop.extra, RECORD, "--ckpt_path=last")
     assert Path(cli.trainer.log_dir).resolve() == run_dir
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
     record = next(c for c in cli.trainer.callbacks if isinstance(c, RecordBatches))
     # Same batches, in the same order, from the first step after the checkpoint on.
-    assert record.targets == {s: t for s, t in reference["targets"].items() if s >= 6}
-    assert_same_as_reference(cli, reference, run_dir)
+    want = {s: t for s, t in reference["targets"].items() if s >= stop.saved_step}
+    assert record.targets == want
+    if "EMA" in case:
+        assert_ema_reference(reference)
+        got, got_n = ema_average(cli)
+        want_avg, want_n = ema_average(reference["cli"])
+        assert cli.trainer.global_step == STEPS and got_n == want_n
+        for k in want_avg:
+            torch.testing.assert_close(got[k], want_avg[k], rtol=1e-5, atol=1e-6, msg=k)
+    else:
+        assert_same_as_reference(cli, reference, run_dir)
     assert step_of(last) == STEPS
-
-
-def test_sigterm_saves_a_checkpoint_and_resumes_exactly(in_tmp, reference):
-    stopped = fit_subprocess(*TINY_DEMO, "--trainer.max_epochs=3",
-                             callback("KillAt", step=5, signum=int(signal.SIGTERM)), cwd=in_tmp)  # fmt: skip
-    assert stopped.returncode == 143, stopped.stderr[-3000:]
-    assert "SIGTERM: saved" in stopped.stderr and "--ckpt_path last" in stopped.stderr
-    run_dir = in_tmp / "logs" / "demo" / "version_0"
-    # The default step interval (100) never fired: this is the SIGTERM save, mid-epoch 1.
-    assert step_of(run_dir / "checkpoints" / "last.ckpt") == 5
-    cli = run_cli("fit", *RUN, "--ckpt_path=last")
-    assert Path(cli.trainer.log_dir).resolve() == run_dir
-    assert_same_as_reference(cli, reference, run_dir)
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(in_tmp):

@@ -164,8 +164,10 @@ def bench_models(
     shapes: Sequence[str] | None = None,
     peak: float | None = None,
     compile_backend: str = "inductor",
+    warmup: int = 2,
 ) -> list[dict]:
-    """Images/s, forward and forward+backward, per implementation, shape and variant.
+    """Images/s, forward and forward+backward, per implementation, shape and variant, as
+    medians of ``rounds`` timed calls after ``warmup`` untimed ones.
 
     With ``peak`` (dense TFLOP/s of the device), each row has its model FLOP utilisation:
     model FLOPs per training image x training images/s / peak. On CUDA each row also has the
@@ -193,8 +195,8 @@ def bench_models(
                     model.compile(backend=compile_backend)
             fns = {impl: step_fns(m, inputs[impl], y, variant.dtype) for impl, m in models.items()}
             memory = {impl: peak_cuda_mb(f[1]) for impl, f in fns.items()}
-            fwd = interleaved({k: f[0] for k, f in fns.items()}, rounds)
-            train = interleaved({k: f[1] for k, f in fns.items()}, rounds)
+            fwd = interleaved({k: f[0] for k, f in fns.items()}, rounds, warmup)
+            train = interleaved({k: f[1] for k, f in fns.items()}, rounds, warmup)
             for impl in models:
                 label = f"{impl} (compiled)" if variant.compile else impl
                 train_img_s = batch / train[impl]

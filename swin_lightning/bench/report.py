@@ -38,12 +38,14 @@ MODEL_COLUMNS = ("shape", "batch", "precision", "implementation", "forward", "fw
 def table_models(args: argparse.Namespace, out_dir: Path) -> tuple[list[str], Any]:
     quick, device = args.quick, args.device
     batches = {
-        "swin_t_224": 2 if quick else 4,
+        "swin_t_224": 1 if quick else 4,
         "cifar_32": 16 if quick else 32,
-        "swinv2_t_256": 2 if quick else 4,
+        "swinv2_t_256": 1 if quick else 4,
     }
     peak = peak_tflops(device, args.peak_tflops)
-    rows = bench_models(device, rounds=3 if quick else 7, batches=batches, peak=peak)
+    # --quick: one warm-up and one timed call per case, enough to fill and check the table.
+    rounds, warmup = (1, 1) if quick else (7, 2)
+    rows = bench_models(device, rounds, batches=batches, peak=peak, warmup=warmup)
     mfu_head = ["MFU"] if peak else []
     md = [
         "## 1. Model throughput (images/s; ratio = project / timm)",
@@ -74,7 +76,7 @@ def table_models(args: argparse.Namespace, out_dir: Path) -> tuple[list[str], An
 def table_overhead(args: argparse.Namespace, out_dir: Path) -> tuple[list[str], Any]:
     quick = args.quick
     steps = 10 if quick else 30
-    overhead = bench_overhead(rounds=2 if quick else 5, steps=steps)
+    overhead = bench_overhead(rounds=1 if quick else 5, steps=steps)
     plain = overhead["plain PyTorch loop"]
     md = [
         "## 2. Framework overhead (demo shape: 32x32, batch 64, 301 K-parameter Swin, AdamW)",
