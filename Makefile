@@ -16,10 +16,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The suite on TEST_WORKERS pytest-xdist workers, one torch thread each (tests/conftest.py);
-# tests that share a trained fixture or the SLURM cluster stay on one worker (--dist loadgroup).
+# each test module runs whole on one worker, so its shared fixtures (a trained run, the SLURM
+# cluster) are built once (--dist loadscope).
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 lint: install
 	$(BIN)/ruff check .

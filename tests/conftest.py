@@ -84,15 +84,14 @@ def cuda_missing_reason() -> str | None:
     return f"gpu: {reason}; scripts/gpu_check.sh runs these on a GPU machine" if reason else None
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items) -> None:
     """Everything under tests/gpu/ is marked ``gpu``; ``gpu`` tests skip, with the reason,
     where no CUDA device is visible (``pytest -m gpu`` selects them).
 
-    For ``pytest -n N --dist loadgroup`` (``make test``): the tests that share a module- or
-    session-scoped fixture of ours (a trained run, the SLURM cluster) form one group, so one
-    worker builds it once; the other tests go to whichever worker is free. Modules with slow
-    tests come first, so no long group starts last while the other worker idles."""
+    Modules with slow tests come first, each module's tests together and in order: ``make
+    test`` hands whole modules to its workers (``--dist loadscope``, so a module's trained
+    fixture is built once), in this order, and no long module should start last while the
+    other worker idles."""
     gpu_dir = Path(__file__).resolve().parent / "gpu"
     reason = cuda_missing_reason()
     for item in items:
@@ -100,28 +99,8 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.gpu)
         if reason and item.get_closest_marker("gpu"):
             item.add_marker(pytest.mark.skip(reason=reason))
-        shared = shared_fixtures(item)
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(shared[0]))
-    # Modules with slow tests first, those whose slow tests share a fixture (a group no worker
-    # can split) before the others; a module's tests stay together and in order (a module
-    # fixture is torn down when the next test comes from another module).
-    slow = [item for item in items if item.get_closest_marker("slow")]
-    slow_modules = {item.module for item in slow}
-    grouped = {item.module for item in slow if item.get_closest_marker("xdist_group")}
-    items.sort(key=lambda item: (item.module not in slow_modules, item.module not in grouped))
-
-
-def shared_fixtures(item) -> list[str]:
-    """Our fixtures wider than a test that ``item`` uses, as ``<where defined>::<name>``."""
-    info = getattr(item, "_fixtureinfo", None)
-    if info is None:
-        return []
-    return sorted(
-        f"{defs[-1].baseid}::{name}"
-        for name, defs in info.name2fixturedefs.items()
-        if defs and defs[-1].scope != "function" and defs[-1].baseid.startswith("tests")
-    )
+    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow_modules)  # stable: modules stay whole
 
 
 @pytest.fixture

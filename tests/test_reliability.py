@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -364,25 +365,6 @@ def _child_pid_once_training(run_root: Path, proc: subprocess.Popen) -> tuple[in
     raise AssertionError("the run did not start")
 
 
-def _descendants(pid: int) -> list[int]:
-    """The live processes under ``pid`` (children, their children, ...), from /proc."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
-        except OSError:  # gone meanwhile
-            continue
-        if stat:  # "pid (comm) state ppid ...": comm may hold spaces, so split after ")"
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        children = [c for c, p in parents.items() if p == parent]
-        found += children
-        todo += children
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -401,8 +383,8 @@ def test_killing_ablate_stops_its_run_which_saves_and_resumes(signum, tmp_path):
     # The lock file names the ablate parent: it took the lock and handed it down.
     assert child == proc.pid
     # Its run: a process under this ablate (other tests' runs may be training beside it).
-    fits = [pid for pid in _descendants(proc.pid)
-            if b"seed_0" in Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
+    fits = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)
+            if "seed_0" in " ".join(p.cmdline())]  # fmt: skip
     assert len(fits) == 1, fits
     fit_pid = fits[0]
     proc.send_signal(signum)
