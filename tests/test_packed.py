@@ -89,8 +89,11 @@ def test_pack_killed_midway_resumes_and_packs_each_image_once(tmp_path, capfd):
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 120
-    while not list((out / "train").glob("chunk-*.bin")) and proc.poll() is None:
-        assert time.monotonic() < deadline, "pack wrote no chunk in 2 minutes"
+    # Killed once a worker has recorded a written chunk in its litdata checkpoint (a chunk
+    # file alone is not enough: under load the kill once fell between the two).
+    checkpoints = out / "train" / ".checkpoints"
+    while not list(checkpoints.glob("checkpoint-*.json")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "pack saved no checkpoint in 2 minutes"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the command and its packing workers, mid-write
     proc.wait()
