@@ -142,8 +142,17 @@ def test_fast_dev_run(config, in_tmp):
 @pytest.mark.slow
 @pytest.mark.parametrize("config", IMAGENET, ids=config_id)
 def test_fast_dev_run_imagenet_recipes(config, in_tmp):
-    cli = _fast_dev_run(config, in_tmp, "--data.init_args.image_size=64")
+    # Two blocks per stage: the recipe's widths, heads, window and training parts run; the
+    # 18-block third stage of S/B/L repeats the same block (its shapes: test_model_shapes.py)
+    # and made Swin-L's one step cost 17 s of optimizer state for 197M parameters.
+    cli = _fast_dev_run(config, in_tmp, "--data.init_args.image_size=64",
+                        "--model.net.depths=[2,2,2,2]")  # fmt: skip
     assert cli.model.mixup is not None and cli.trainer.gradient_clip_val == 5.0
+    net = yaml.safe_load(config.read_text())["model"]["net"]
+    assert cli.model.net.patch_embed.proj.out_channels == net["embed_dim"]
+    heads = [stage.blocks[0].attn.num_heads for stage in cli.model.net.layers]
+    assert heads == net["num_heads"]
+    assert cli.model.net.layers[0].blocks[0].window_size == (net["window_size"],) * 2
 
 
 @pytest.mark.slow

@@ -351,18 +351,29 @@ def _ablate_subprocess(tmp_path: Path, spec: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
-def _child_pid_once_training(run_root: Path, proc: subprocess.Popen) -> tuple[int, Path]:
-    """Wait until the run's fit holds the lock and has saved a checkpoint; its PID."""
+def _child_pid_once_training(
+    run_root: Path, proc: subprocess.Popen, after_step: int = 0
+) -> tuple[int, Path]:
+    """Wait until the run's fit holds the lock and has saved a checkpoint past
+    ``after_step``; the PID the lock names, and the run folder."""
     deadline = time.time() + 240
     while time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         for last in run_root.rglob("last.ckpt"):
             run_dir = last.parent.parent
             text = (run_dir / ".lock").read_text()
-            if text.startswith("pid "):
+            if text.startswith("pid ") and _saved_step(last) > after_step:
                 return int(text.split()[1]), run_dir
         time.sleep(0.2)
     raise AssertionError("the run did not start")
+
+
+def _saved_step(ckpt: Path) -> int:
+    """The step of a checkpoint being rewritten beside us (-1 while it cannot be read)."""
+    try:
+        return step_of(ckpt)
+    except Exception:  # replaced between our open and read: read it next time
+        return -1
 
 
 def _alive(pid: int) -> bool:
@@ -374,35 +385,53 @@ def _alive(pid: int) -> bool:
     return status.exists() and "zombie" not in status.read_text()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
-def test_killing_ablate_stops_its_run_which_saves_and_resumes(signum, tmp_path):
-    spec = one_variant_spec(tmp_path)
-    proc = _ablate_subprocess(tmp_path, spec)
-    child, run_dir = _child_pid_once_training(tmp_path / "exp", proc)
-    # The lock file names the ablate parent: it took the lock and handed it down.
-    assert child == proc.pid
+def _stop_ablate_and_its_run(
+    proc: subprocess.Popen, run_root: Path, signum: int, after_step: int
+) -> tuple[Path, int]:
+    """Once its run has saved past ``after_step``, send ``signum`` to ablate; check that the
+    run stopped with it and saved on the way out. The run folder and the step it saved."""
+    child, run_dir = _child_pid_once_training(run_root, proc, after_step)
+    assert child == proc.pid  # the lock file names the ablate parent: it handed the lock down
     # Its run: a process under this ablate (other tests' runs may be training beside it).
     fits = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)
             if "seed_0" in " ".join(p.cmdline())]  # fmt: skip
     assert len(fits) == 1, fits
-    fit_pid = fits[0]
     proc.send_signal(signum)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     deadline = time.time() + 60
-    while _alive(fit_pid) and time.time() < deadline:
+    while _alive(fits[0]) and time.time() < deadline:
         time.sleep(0.2)
-    assert not _alive(fit_pid), "the run outlived ablate"
+    assert not _alive(fits[0]), "the run outlived ablate"
     if signum == signal.SIGTERM:
         assert proc.returncode == 143, err[-3000:]
         assert "stopped by SIGTERM" in err and "run the same command again" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    # The run saved on its way out, also when ablate itself was killed.
     log = (run_dir / "fit.log").read_text()
-    assert "SIGTERM: saved" in log  # the run saved on its way out, also when ablate was killed
-    saved = step_of(run_dir / "checkpoints" / "last.ckpt")
+    assert log.count("SIGTERM: saved") == (1 if after_step == 0 else 2), log[-3000:]
     assert not (run_dir / "finished.json").exists()
-    again = _ablate_subprocess(tmp_path, spec)
-    out, err = again.communicate(timeout=400)
-    assert again.returncode == 0, err[-3000:]
+    return run_dir, step_of(run_dir / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_killing_ablate_stops_its_run_which_saves_and_resumes(tmp_path):
+    """SIGTERM to ablate, then SIGKILL to the ablate that resumed it (one scenario: each
+    signal costs an ablate and a fit start-up), then a third ablate finishes the run."""
+    spec = one_variant_spec(tmp_path)
+    run_dir, first = _stop_ablate_and_its_run(
+        _ablate_subprocess(tmp_path, spec), tmp_path / "exp", signal.SIGTERM, after_step=0
+    )
+    again, second = _stop_ablate_and_its_run(
+        _ablate_subprocess(tmp_path, spec), tmp_path / "exp", signal.SIGKILL, after_step=first
+    )
+    assert again == run_dir and second > first
+    log = (run_dir / "fit.log").read_text()
+    assert f"last.ckpt (step {first})" in log  # the second ablate resumed the first's save
+    last = _ablate_subprocess(tmp_path, spec)
+    out, err = last.communicate(timeout=400)
+    assert last.returncode == 0, err[-3000:]
     assert "shift seed 0: resumed" in out
     assert json.loads((run_dir / "finished.json").read_text())["resumed"] is True
-    assert step_of(run_dir / "checkpoints" / "last.ckpt") == 18 > saved
+    assert step_of(run_dir / "checkpoints" / "last.ckpt") == 18 > second
+    assert f"last.ckpt (step {second})" in (run_dir / "fit.log").read_text()

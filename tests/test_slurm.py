@@ -49,47 +49,20 @@ def slurm_args(*extra: str) -> list[str]:
     return ["--launcher", "slurm", "--partition", "low", "--time_min", "10", *extra]
 
 
-def test_array_status_and_report(slurm, tmp_path, capsys):
-    spec = write_spec(tmp_path, "array", {"shift": [SHIFT], "no_shift": [NO_SHIFT]})
-    code = main(["--config", BASE, spec, "--log_dir", str(tmp_path), *TINY,
-                 *slurm_args("--cpus_per_task", "1")])  # fmt: skip
-    assert code == 0
-    exp_dir = tmp_path / "array"
-    jobs = [json.loads(p.read_text()) for p in sorted(exp_dir.glob("*/*/seed_0/job.json"))]
-    ids = sorted(j["job_id"] for j in jobs)
-    array = ids[0].split("_")[0]
-    assert ids == [f"{array}_0", f"{array}_1"]  # one array, one task per run
-    assert all(Path(j["stdout"]).parent.parent == exp_dir / ".submitit" for j in jobs)
-    # While it runs: status shows the runs with their jobs, none finished before they are.
-    seen = wait_until(exp_dir, lambda ss: any(s.state == "running" for s in ss))
-    assert {s.job_id for s in seen} == set(ids)
-    assert main(["status", str(exp_dir)]) == 0
-    table = capsys.readouterr().out
-    assert re.search(r"(shift|no_shift)\s+0\s+running", table) and array in table
-    done = wait_until(exp_dir, lambda ss: all(s.state == "finished" for s in ss))
-    assert all(s.attempts == 1 and s.host and s.best_val_acc1 is not None for s in done)
-    assert main(["report", "array", "--log_dir", str(tmp_path)]) == 0
-    report = (exp_dir / "report.md").read_text()
-    assert "| shift | 1 |" in report and "| no_shift | 1 |" in report
-    assert main(["status", str(exp_dir)]) == 0
-    assert "2 runs: 2 finished" in capsys.readouterr().out
-    # Submitting again launches nothing: both are finished.
-    code = main(["--config", BASE, spec, "--log_dir", str(tmp_path), *TINY, *slurm_args()])
-    assert code == 0 and "skipped" in capsys.readouterr().out
-
-
 def saved_and_resumed_steps(fit_log: str) -> tuple[list[int], list[int]]:
     saved = [int(s) for s in re.findall(r"SIGTERM: saved .* at global step (\d+)", fit_log)]
     resumed = [int(s) for s in re.findall(r"Resuming .*last\.ckpt \(step (\d+)\)", fit_log)]
     return saved, resumed
 
 
-def test_preemption_requeue_limit_and_retry(slurm, tmp_path):
-    """A 2-task array is preempted (a job in the higher partition takes the node): each run
-    saves, is requeued and resumes. A second requeue of ONE task (scontrol, by its array task
-    id) passes max_requeues=1 for that run only: its next attempt is refused and it shows
+def test_array_preemption_requeue_limit_retry_and_report(slurm, tmp_path, capsys):
+    """Two runs go out as one 2-task array; `status` shows them running with their jobs. The
+    array is preempted (a job in the higher partition takes the node): each run saves, is
+    requeued and resumes. A second requeue of ONE task (scontrol, by its array task id)
+    passes max_requeues=1 for that run only: its next attempt is refused and it shows
     failed, while the other run finishes. --retry_failed resumes it to the end. No step is
-    lost or repeated in either run."""
+    lost or repeated in either run; the report has both, and submitting again launches
+    nothing."""
     spec = write_spec(tmp_path, "preempt", {"shift": [SHIFT], "no_shift": [NO_SHIFT]})
     # 360 steps (about a minute): SLURM preempts the two tasks up to ~15 s apart, and the
     # second must still be training when its turn comes (at 180 steps it once was not).
@@ -99,7 +72,19 @@ def test_preemption_requeue_limit_and_retry(slurm, tmp_path):
             *slurm_args("--cpus_per_task", "1", "--max_requeues", "1")]  # fmt: skip
     assert main(args) == 0
     exp_dir = tmp_path / "preempt"
-    wait_until(exp_dir, lambda ss: all(s.state == "running" and (s.step or 0) >= 8 for s in ss))
+    jobs = [json.loads(p.read_text()) for p in sorted(exp_dir.glob("*/*/seed_0/job.json"))]
+    ids = sorted(j["job_id"] for j in jobs)
+    array = ids[0].split("_")[0]
+    assert ids == [f"{array}_0", f"{array}_1"]  # one array, one task per run
+    assert all(Path(j["stdout"]).parent.parent == exp_dir / ".submitit" for j in jobs)
+    # While it runs: status shows the runs with their jobs, none finished before they are.
+    seen = wait_until(exp_dir, lambda ss: all(s.state == "running" and (s.step or 0) >= 8
+                                              for s in ss))  # fmt: skip
+    assert {s.job_id for s in seen} == set(ids)
+    capsys.readouterr()
+    assert main(["status", str(exp_dir)]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"(shift|no_shift)\s+0\s+running", table) and array in table
     slurm.run("sbatch", "-p", "high", "-c", str(slurm.cpus), "--output", str(tmp_path / "high.out"),
               "--wrap", "sleep 1")  # fmt: skip
     statuses = wait_until(exp_dir, lambda ss: all(s.attempts == 2 for s in ss) and
@@ -126,6 +111,15 @@ def test_preemption_requeue_limit_and_retry(slurm, tmp_path):
         assert read_run_steps(s.run.dir) == list(range(total)), "a step was lost or repeated"
         result = read_run(s.run.dir, s.run.variant, "0")
         assert result is not None and len(result.val_acc1) == 6  # one validation per epoch
+        assert s.host and s.best_val_acc1 is not None
+    assert main(["report", "preempt", "--log_dir", str(tmp_path)]) == 0
+    report = (exp_dir / "report.md").read_text()
+    assert "| shift | 1 |" in report and "| no_shift | 1 |" in report
+    capsys.readouterr()
+    assert main(["status", str(exp_dir)]) == 0
+    assert "2 runs: 2 finished" in capsys.readouterr().out
+    # Submitting again launches nothing: both are finished.
+    assert main(args) == 0 and "skipped" in capsys.readouterr().out
 
 
 def read_run_steps(run_dir: Path) -> list[int]:

@@ -43,8 +43,9 @@ def table_models(args: argparse.Namespace, out_dir: Path) -> tuple[list[str], An
         "swinv2_t_256": 1 if quick else 4,
     }
     peak = peak_tflops(device, args.peak_tflops)
-    # --quick: one warm-up and one timed call per case, enough to fill and check the table.
-    rounds, warmup = (1, 1) if quick else (7, 2)
+    # --quick: one call per case and no warm-up, enough to fill and check the table (its
+    # figures include first-call costs: not for comparing).
+    rounds, warmup = (1, 0) if quick else (7, 2)
     rows = bench_models(device, rounds, batches=batches, peak=peak, warmup=warmup)
     mfu_head = ["MFU"] if peak else []
     md = [
@@ -178,7 +179,7 @@ def table_compile(args: argparse.Namespace, out_dir: Path) -> tuple[list[str], A
     quick, device = args.quick, args.device
     backend = "eager" if quick else "inductor"
     compiled = bench_compile(
-        device, "cifar_32", 8 if quick else 32, rounds=3 if quick else 7, backend=backend
+        device, "cifar_32", 8 if quick else 32, rounds=1 if quick else 7, backend=backend
     )
     md = [
         f"## 6. torch.compile ({backend}; train step, cifar_32; warm-up = first step, cold cache)",
