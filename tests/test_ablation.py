@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from swin_lightning.ablate import AblationSpec, main, run_ablation
 from swin_lightning.report import read_run
 from swin_lightning.runs.spec import LauncherSettings
+from swin_lightning.runs.store import Experiment, read_status
 from tests.conftest import CONFIGS, REPO
 
 BASE = str(CONFIGS / "ablations" / "window_pairs.yaml")
@@ -111,26 +112,37 @@ def test_rerun_skips_finished_runs(experiment):
     assert before == after
 
 
-def test_interrupted_run_resumes_and_failed_variant_is_reported(tmp_path):
+def test_interrupted_run_resumes_and_only_retry_failed_reruns_a_failed_one(tmp_path, capsys):
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({
         "experiment": "mixed", "reference": "ok", "seeds": [0],
         "variants": {"ok": [str(CONFIGS / "ablations" / "shift.yaml")],
                      "broken": ["model.net.window_size=0"]},
     }))  # fmt: skip
-    # First attempt: as if killed after its last save, it leaves last.ckpt but no
-    # finished.json (a real kill and resume: test_reliability.py).
-    run_ablation([BASE], str(spec), str(tmp_path), TINY)
-    run = next((tmp_path / "mixed" / "ok").glob("*/seed_0"))
-    (run / "finished.json").unlink()
-    code = main(["--config", BASE, str(spec), "--log_dir", str(tmp_path), *TINY])
-    assert code == 1  # the broken variant failed
-    assert json.loads((run / "finished.json").read_text())["resumed"] is True
-    assert len(val_acc1(run)) == 2
-    broken = next((tmp_path / "mixed" / "broken").glob("*/seed_0"))
-    assert not (broken / "finished.json").exists()
-    assert "window_size=0 must be >= 1" in (broken / "fit.log").read_text()
-    report = (tmp_path / "mixed" / "report.md").read_text()
+    args = ["--config", BASE, str(spec), "--log_dir", str(tmp_path), *TINY]
+    assert main(args) == 1  # the broken variant failed
+    exp_dir = tmp_path / "mixed"
+    runs = {r.variant: r for r in Experiment.load(exp_dir).runs}
+    assert read_status(runs["broken"]).state == "failed"
+    assert not (runs["broken"].dir / "finished.json").exists()
+    assert "window_size=0 must be >= 1" in (runs["broken"].dir / "fit.log").read_text()
+    # As if killed after its last save: last.ckpt but no finished.json (a real kill and
+    # resume: test_reliability.py). A plain re-run resumes it, leaves the failed run alone
+    # and says how to retry it.
+    (runs["ok"].dir / "finished.json").unlink()
+    capsys.readouterr()
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert json.loads((runs["ok"].dir / "finished.json").read_text())["resumed"] is True
+    assert len(val_acc1(runs["ok"].dir)) == 2
+    assert "broken seed 0: failed: failed earlier" in out and "--retry_failed" in out
+    assert runs["broken"].record["attempts"] == 1
+    ok_finished = (runs["ok"].dir / "finished.json").stat().st_mtime_ns
+    assert main([*args, "--retry_failed"]) == 1  # still broken, but it ran again
+    assert runs["broken"].record["attempts"] == 2
+    assert (runs["ok"].dir / "finished.json").stat().st_mtime_ns == ok_finished
+    assert main(["report", str(exp_dir)]) == 0
+    report = (exp_dir / "report.md").read_text()
     assert "| ok | 1 |" in report and "**broken failed** for seed(s) 0" in report
 
 

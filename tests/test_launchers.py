@@ -120,30 +120,6 @@ def test_cpu_slots_split_the_cores(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- parallel runs
-def test_retry_failed_runs_only_the_failed(tmp_path, capsys):
-    spec = write(tmp_path, {
-        "experiment": "mixed", "seeds": [0],
-        "variants": {"ok": [str(ABL / "shift.yaml")], "broken": ["model.net.window_size=0"]},
-    })  # fmt: skip
-    args = ["--config", BASE, str(spec), "--log_dir", str(tmp_path), *TINY]
-    assert main(args) == 1
-    exp_dir = tmp_path / "mixed"
-    runs = {r.variant: r for r in Experiment.load(exp_dir).runs}
-    assert read_status(runs["broken"]).state == "failed"
-    capsys.readouterr()
-    # A plain re-run leaves the failed run alone and says how to retry it.
-    assert main(args) == 1
-    out = capsys.readouterr().out
-    assert "broken seed 0: failed: failed earlier" in out and "--retry_failed" in out
-    assert runs["broken"].record["attempts"] == 1
-    ok_finished = (runs["ok"].dir / "finished.json").stat().st_mtime_ns
-    assert main([*args, "--retry_failed"]) == 1  # still broken, but it ran again
-    assert runs["broken"].record["attempts"] == 2
-    assert (runs["ok"].dir / "finished.json").stat().st_mtime_ns == ok_finished
-    assert main(["report", str(exp_dir)]) == 0
-    assert "**broken failed** for seed(s) 0" in (exp_dir / "report.md").read_text()
-
-
 def test_status_and_report_of_an_unfinished_experiment(tmp_path, capsys):
     spec = write(tmp_path, {"experiment": "half", "seeds": [0, 1],
                             "variants": {"shift": [str(ABL / "shift.yaml")]}})  # fmt: skip
