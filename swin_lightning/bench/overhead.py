@@ -10,8 +10,9 @@ from torch import nn
 from swin_lightning.bench.harness import interleaved
 
 
-def bench_overhead(rounds: int, steps: int, batch: int = 64) -> dict[str, float]:
-    """Seconds per training step at the demo shape: plain loop vs Trainer.fit."""
+def bench_overhead(rounds: int, steps: int, batch: int = 64, warmup: int = 1) -> dict[str, float]:
+    """Seconds per training step at the demo shape: plain loop vs Trainer.fit, each case
+    run ``warmup`` times untimed first."""
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -97,4 +98,4 @@ def bench_overhead(rounds: int, steps: int, batch: int = 64) -> dict[str, float]
         "Trainer.fit, same work": lambda: fit(Plain),
         "Trainer.fit, SwinClassifier (metrics, logging)": lambda: fit(full_module),
     }
-    return interleaved(cases, rounds, warmup=1, self_timed=True)
+    return interleaved(cases, rounds, warmup=warmup, self_timed=True)

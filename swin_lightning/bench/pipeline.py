@@ -51,10 +51,13 @@ def timed_pass(loader, finish) -> tuple[float, float]:
     return first_at - start, (seen - first_len) / (end - first_at)
 
 
-def bench_input_pipeline(num_images: int, workers: list[int], rounds: int = 3) -> list[dict]:
+def bench_input_pipeline(
+    num_images: int, workers: list[int], rounds: int = 3, warmup: int = 1
+) -> list[dict]:
     """Images/s of each training loader of :data:`PIPELINES` (RandAugment m9 + random erasing,
     224 crops) after its first batch, and the seconds to that batch (workers start afresh
-    every epoch), per number of workers; loaders alternate over ``rounds`` passes (medians).
+    every epoch), per number of workers; loaders alternate over ``rounds`` passes (medians)
+    after ``warmup`` untimed passes each.
     The packed rows need litdata (the ``packed`` extra) and are left out without it."""
     import torch
 
@@ -91,9 +94,10 @@ def bench_input_pipeline(num_images: int, workers: list[int], rounds: int = 3) -
             torch.set_num_threads(1 if n == 0 else threads)
             rates: dict[tuple[str, str], list[float]] = {key: [] for key in loaders}
             starts: dict[tuple[str, str], list[float]] = {key: [] for key in loaders}
-            for loader, _ in loaders.values():
-                for _ in loader:  # warm-up pass (worker start, file cache)
-                    pass
+            for _ in range(warmup):  # worker start, file cache
+                for loader, _ in loaders.values():
+                    for _ in loader:
+                        pass
             for r in range(rounds):
                 for key in list(loaders) if r % 2 == 0 else reversed(list(loaders)):
                     start_s, img_s = timed_pass(*loaders[key])

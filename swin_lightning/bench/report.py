@@ -21,6 +21,7 @@ from swin_lightning.bench.breakdown import BUCKET_NAMES, bench_breakdown
 from swin_lightning.bench.compile import bench_compile
 from swin_lightning.bench.harness import machine, md_row
 from swin_lightning.bench.models import (
+    CPU_VARIANTS,
     GPU_PEAK_BF16_TFLOPS,
     bench_models,
     peak_memory_mb,
@@ -46,7 +47,12 @@ def table_models(args: argparse.Namespace, out_dir: Path) -> tuple[list[str], An
     # --quick: one call per case and no warm-up, enough to fill and check the table (its
     # figures include first-call costs: not for comparing).
     rounds, warmup = (1, 0) if quick else (7, 2)
-    rows = bench_models(device, rounds, batches=batches, peak=peak, warmup=warmup)
+    if quick and device == "cpu":  # bf16 only at the smallest shape: it costs most on a CPU
+        fp32, bf16 = CPU_VARIANTS
+        rows = bench_models(device, rounds, batches, [fp32], peak=peak, warmup=warmup)
+        rows += bench_models(device, rounds, batches, [bf16], ["cifar_32"], peak, warmup=warmup)
+    else:
+        rows = bench_models(device, rounds, batches=batches, peak=peak, warmup=warmup)
     mfu_head = ["MFU"] if peak else []
     md = [
         "## 1. Model throughput (images/s; ratio = project / timm)",
@@ -77,7 +83,7 @@ def table_models(args: argparse.Namespace, out_dir: Path) -> tuple[list[str], An
 def table_overhead(args: argparse.Namespace, out_dir: Path) -> tuple[list[str], Any]:
     quick = args.quick
     steps = 10 if quick else 30
-    overhead = bench_overhead(rounds=1 if quick else 5, steps=steps)
+    overhead = bench_overhead(rounds=1 if quick else 5, steps=steps, warmup=0 if quick else 1)
     plain = overhead["plain PyTorch loop"]
     md = [
         "## 2. Framework overhead (demo shape: 32x32, batch 64, 301 K-parameter Swin, AdamW)",
@@ -123,7 +129,10 @@ def table_scaling(args: argparse.Namespace, out_dir: Path) -> tuple[list[str], A
 def table_pipeline(args: argparse.Namespace, out_dir: Path) -> tuple[list[str], Any]:
     quick = args.quick
     pipeline = bench_input_pipeline(
-        32 if quick else 256, [0] if quick else [0, 1, 2], rounds=1 if quick else 3
+        32 if quick else 256,
+        [0] if quick else [0, 1, 2],
+        rounds=1 if quick else 3,
+        warmup=0 if quick else 1,
     )
     kb = pipeline[0]["mean_jpeg_kb"]
     md = [
