@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml
 # The suite on TEST_WORKERS pytest-xdist workers, one torch thread each (tests/conftest.py);
 # each test module runs whole on one worker, so its shared fixtures (a trained run, the SLURM
 # cluster) are built once (--dist loadscope).
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 lint: install
 	$(BIN)/ruff check .

@@ -63,20 +63,30 @@ class AblationInterrupted(Exception):
 
 def plan(
     base: list[str], spec: AblationSpec, exp_dir: Path, overrides: list[str], extra: list[str]
-) -> tuple[list[Run], list[RunOutcome]]:
-    """The runs of the spec (settings resolved once per variant), and the variants whose
-    settings ``fit`` rejects (as failed outcomes)."""
+) -> list[Run]:
+    """The runs of the spec, settings resolved once per variant. Every variant is checked
+    before anything is written: one that ``fit`` rejects (a typo'd key: the closest valid
+    one is named), or two that resolve to the same settings (``lr=0`` and ``lr=0.0``), is a
+    ValueError naming them."""
     from swin_lightning.cli import resolved_settings
 
-    runs, rejected = [], []
+    resolved: dict[str, tuple[list[str], dict]] = {}
     for variant, items in spec.variants.items():
         args = [*base, *cli_args(items), *cli_args(spec.args), *cli_args(overrides), *extra]
         try:
-            settings = resolved_settings(args)
+            resolved[variant] = args, resolved_settings(args)
         except (ValueError, OSError) as err:
-            rejected += [RunOutcome(variant, s, "failed", message=f"settings rejected: {err}")
-                         for s in spec.seeds]  # fmt: skip
-            continue
+            raise ValueError(f"variant {variant!r} of {spec.experiment}: {err}; nothing was "
+                             "run: fix the spec and run again") from None  # fmt: skip
+    same: dict[str, str] = {}
+    for variant, (_, settings) in resolved.items():
+        fp = fingerprint(settings)
+        if fp in same:
+            raise ValueError(f"variants {same[fp]!r} and {variant!r} of {spec.experiment} "
+                             "resolve to the same settings: remove one")  # fmt: skip
+        same[fp] = variant
+    runs = []
+    for variant, (args, settings) in resolved.items():
         fp = fingerprint(settings)
         accelerator = str((settings.get("trainer") or {}).get("accelerator", "auto"))
         settings_file = exp_dir / variant / fp / SETTINGS
@@ -84,10 +94,10 @@ def plan(
             write_text(settings_file, yaml.safe_dump(settings, sort_keys=False))
         for seed in spec.seeds:
             runs.append(Run(variant, seed, fp, exp_dir / variant / fp / f"seed_{seed}",
-                            args, items, accelerator))  # fmt: skip
+                            args, spec.variants[variant], accelerator))  # fmt: skip
     # Seed by seed: every variant's first seed comes early, for a first comparison.
     runs.sort(key=lambda r: spec.seeds.index(r.seed))
-    return runs, rejected
+    return runs
 
 
 def select(statuses: list[RunStatus], retry_failed: bool) -> tuple[list[Run], list[RunOutcome]]:
@@ -107,15 +117,10 @@ def select(statuses: list[RunStatus], retry_failed: bool) -> tuple[list[Run], li
     return todo, left
 
 
-def report_experiment(
-    experiment: Experiment, statuses: list[RunStatus], rejected: list[RunOutcome] = ()
-) -> Path:
-    """Write the report of the finished runs; the others are listed with their state
-    (``rejected``: the runs of variants whose settings ``fit`` rejected)."""
+def report_experiment(experiment: Experiment, statuses: list[RunStatus]) -> Path:
+    """Write the report of the finished runs; the others are listed with their state."""
     current: dict[str, list[Path]] = {}
     failed: dict[str, list[str]] = {}
-    for o in rejected:
-        failed.setdefault(o.variant, []).append(str(o.seed))
     notes = []
     for s in statuses:
         if s.state == "finished":
@@ -150,6 +155,8 @@ def run_ablation(
     saved (:class:`AblationInterrupted`, no report); a re-run continues."""
     spec = AblationSpec.load(spec_path)
     if seeds:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"--seeds lists a seed twice: {seeds}")
         spec.seeds = seeds
     settings = launcher or spec.launcher
     for config in base_configs:
@@ -159,10 +166,8 @@ def run_ablation(
     exp_dir = Path(log_dir) / spec.experiment
     chosen = _launcher(settings, exp_dir)
     extra = chosen.run_args() if isinstance(chosen, SlurmLauncher) else []
-    runs, rejected = plan(base, spec, exp_dir, overrides or [], extra)
-    outcomes = list(rejected)
-    for o in rejected:
-        print(f"[ablate] {o.variant} seed {o.seed}: failed: {o.message}", flush=True)
+    runs = plan(base, spec, exp_dir, overrides or [], extra)
+    outcomes = []
     experiment = Experiment(exp_dir, spec.reference, list(spec.variants), runs, settings.name)
     experiment.save()
     todo, left = select([read_status(r, progress=False) for r in runs], retry_failed)
@@ -185,7 +190,7 @@ def run_ablation(
     else:
         statuses = [read_status(r, progress=False) for r in runs]
     try:
-        report = report_experiment(experiment, statuses, rejected)
+        report = report_experiment(experiment, statuses)
         print(f"[ablate] report: {report}", flush=True)
     except FileNotFoundError as err:
         print(f"[ablate] no report: {err}", file=sys.stderr)
@@ -248,6 +253,16 @@ def _launch(argv: list[str]) -> int:
     return 1 if any(o.status in ("failed", "busy") for o in outcomes) else 0
 
 
+def seed_list(text: str) -> list[int]:
+    """``--seeds 0,1,2``."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``ablate`` (launch); ``status`` and ``report`` have their own."""
     parser = argparse.ArgumentParser(
@@ -262,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log_dir", default="logs", help="root folder of the experiment")
     parser.add_argument(
         "--seeds",
-        type=lambda v: [int(s) for s in v.split(",")],
+        type=seed_list,
         help="replace the spec's seeds, e.g. 0,1",
     )
     parser.add_argument("--retry_failed", action="store_true",

@@ -397,8 +397,9 @@ class SwinCLI(LightningCLI):
         ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt and Path(ckpt).is_file():
             try:
-                load_checkpoint(ckpt, mmap=True)
-            except CheckpointError as err:
+                hparams = load_checkpoint(ckpt, mmap=True).get("hyper_parameters") or {}
+                check_module_kind(ckpt, hparams, pretraining=self.subclass_mode_model)
+            except (CheckpointError, ValueError) as err:
                 _exit_on_input_error(err)
         super()._parse_ckpt_path()
 
@@ -482,6 +483,28 @@ def quiet_adverts() -> None:
     )
 
 
+def check_module_kind(ckpt: str | Path, hparams: dict, pretraining: bool) -> None:
+    """A ValueError when ``ckpt`` was written by the other module kind (a SimMIM pretraining
+    checkpoint given to a classifier, or the reverse): its hyperparameters would not parse."""
+    if not hparams:
+        return  # no record of who wrote it: the module's own load decides
+    written_by = str(hparams.get("_class_path", "swin_lightning.classifier.SwinClassifier"))
+    is_simmim = written_by.rpartition(".")[2] == "SimMIM"
+    if is_simmim and not pretraining:
+        raise ValueError(
+            f"--ckpt_path {ckpt} is a SimMIM pretraining checkpoint, not a classifier's: to "
+            "fine-tune from its encoder, fit a classifier with --model.pretrained "
+            f"{ckpt} (configs/simmim/finetune_demo.yaml or finetune_swin_t.yaml); --ckpt_path "
+            "resumes or evaluates a run of the same kind"
+        )
+    if pretraining and not is_simmim:
+        raise ValueError(
+            f"--ckpt_path {ckpt} is a classifier's checkpoint ({written_by}), not a SimMIM "
+            "pretraining one: --ckpt_path resumes or evaluates a run of the same kind; start "
+            "the pretraining without it"
+        )
+
+
 def model_class_of(args: list[str]) -> type[LightningModule]:
     """The LightningModule the configs of ``args`` ask for: SimMIM pretraining when one sets
     ``model.class_path`` to it (given as a subclass), else the classifier. Checks the config
@@ -521,6 +544,14 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> SwinCLI:
         sys.exit(SIGTERM_EXIT_CODE)
 
 
+def _parse_error(printed: str) -> str:
+    """The parser's error as one line, from what it printed: its ``error:`` line and what
+    follows, without the warnings Lightning printed before it."""
+    lines = [ln.strip() for ln in printed.splitlines() if ln.strip()]
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("error:")), 0)
+    return " ".join(lines[start:]).removeprefix("error: ") or "invalid settings"
+
+
 # Settings that say where a run writes, not what it computes: left out of its fingerprint.
 VOLATILE_KEYS = (
     ("trainer", "logger"), ("trainer", "enable_progress_bar"), ("trainer", "default_root_dir"),
@@ -553,8 +584,7 @@ def resolved_settings(args: list[str]) -> dict:
                 run=False,
             )  # fmt: skip
     except SystemExit:
-        lines = [ln for ln in stderr.getvalue().splitlines() if ln.strip()]
-        raise ValueError(" ".join(lines).removeprefix("error: ") or "invalid settings") from None
+        raise ValueError(_parse_error(stderr.getvalue())) from None
     settings = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)) or {}
     for path in VOLATILE_KEYS:
         node = settings

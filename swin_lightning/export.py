@@ -67,8 +67,28 @@ def build_network(
         size = size * 2
     net = SwinTransformer(**{**init_args, "num_classes": weights["head.weight"].shape[0],
                              "img_size": tuple(size)})  # fmt: skip
+    check_weights(net.state_dict(), weights)
     net.load_state_dict(weights)
     return net.eval()
+
+
+def check_weights(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    """An :class:`ExportError` naming the first keys the config's network and the checkpoint
+    disagree on (missing, unexpected, or of another shape, with both shapes)."""
+    problems = [f"{k}: the checkpoint has {tuple(weights[k].shape)}, the config's network "
+                f"{tuple(v.shape)}" for k, v in expected.items()
+                if k in weights and weights[k].shape != v.shape]  # fmt: skip
+    problems += [f"{k}: missing from the checkpoint" for k in expected if k not in weights]
+    problems += [f"{k}: not in the config's network" for k in weights if k not in expected]
+    if problems:
+        shown = "; ".join(problems[:4]) + (
+            f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
+        )
+        raise ExportError(
+            f"the checkpoint's weights do not fit the network of the config ({len(problems)} "
+            f"keys differ: {shown}); pass --config with the YAML of the run that wrote the "
+            "checkpoint (its run folder's config.yaml)"
+        )
 
 
 def export(net: SwinTransformer, fmt: str, out: Path) -> float:

@@ -15,6 +15,7 @@ from swin_lightning.runs.store import Run, read_json, read_status
 from swin_lightning.storage import save_figure, write_text
 
 MANIFEST = "study.json"  # what tune writes into the study folder: study, storage, base, space
+REPEAT = "repeat_of"  # user attribute of a draw of a tried point: closed unrun, never reported
 
 
 def load_study(study_dir: Path) -> tuple[dict[str, Any], Any]:
@@ -34,6 +35,8 @@ def load_study(study_dir: Path) -> tuple[dict[str, Any], Any]:
 def trial_rows(study_dir: Path, manifest: dict[str, Any], study: Any) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
+        if REPEAT in t.user_attrs:
+            continue
         state = t.state.name.lower()
         run_dir = study_dir / f"trial_{t.number}"
         run = Run(f"trial_{t.number}", 0, "", run_dir)

@@ -19,11 +19,16 @@ trial is run or counted twice.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import itertools
 import json
+import math
 import os
 import signal
 import sys
 import threading
+import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,7 +50,9 @@ from swin_lightning.runs.search import SearchSpec
 from swin_lightning.runs.spec import LauncherSettings, cli_args
 from swin_lightning.runs.store import Run, fingerprint
 from swin_lightning.storage import RunBusyError, RunLock, write_text
-from swin_lightning.study_report import MANIFEST, print_status, write_study_report
+from swin_lightning.study_report import MANIFEST, REPEAT, print_status, write_study_report
+
+MAX_REPEATS = 10  # draws of tried points in a row (a continuous space) before giving up
 
 
 def storage_url(spec: SearchSpec, study_dir: Path) -> str:
@@ -56,12 +63,17 @@ def storage_url(spec: SearchSpec, study_dir: Path) -> str:
     return spec.storage
 
 
-def create_study(spec: SearchSpec, url: str, worker: int = 0) -> Any:
-    """The study (created on first use); ``worker`` offsets the sampler's seed, so parallel
-    workers do not draw the same random start-up trials."""
+def sampler_seed(spec: SearchSpec, number: int) -> int:
+    """The sampler's seed for the study's trial ``number``: a function of the study and the
+    trial, not of the process, so a re-run or another worker continues the sequence instead
+    of drawing the points already drawn."""
+    digest = hashlib.sha256(f"{spec.study}:{spec.seed}:{number}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def make_sampler(spec: SearchSpec, seed: int) -> Any:
     import optuna
 
-    seed = spec.seed + 1000 * worker
     samplers = {
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
@@ -70,19 +82,86 @@ def create_study(spec: SearchSpec, url: str, worker: int = 0) -> Any:
         # same point; the sampler only serves a trial asked for past the queue.
         "grid": lambda: optuna.samplers.RandomSampler(seed=seed),
     }
+    return samplers[spec.sampler]()
+
+
+def create_study(spec: SearchSpec, url: str) -> Any:
+    """The study (created on first use); its sampler is seeded anew before each trial
+    (:func:`sampler_seed`)."""
+    import optuna
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = samplers[spec.sampler]()
-    study = optuna.create_study(
-        study_name=spec.study, storage=open_storage(url), sampler=sampler,
+    return optuna.create_study(
+        study_name=spec.study, storage=open_storage(url), sampler=make_sampler(spec, spec.seed),
         pruner=make_pruner(spec.pruner), direction=spec.direction, load_if_exists=True,
     )  # fmt: skip
-    return study
+
+
+def check_space(spec: SearchSpec, base: list[str]) -> None:
+    """Every parameter of the space, at each of its choices (or both bounds), resolves
+    against the base config: a typo'd key is a ValueError naming the parameter (and the
+    closest valid key) before any trial is asked."""
+    from swin_lightning.cli import resolved_settings
+
+    for key, p in spec.space.items():
+        values = p.choices if p.type == "categorical" else [p.low, p.high]
+        for value in values:
+            value = int(value) if p.type == "int" else value
+            try:
+                resolved_settings([*base, *cli_args(spec.items({key: value}))])
+            except (ValueError, OSError) as err:
+                raise ValueError(f"{spec.study}: space.{key} = {value!r}: {err}; no trial was "
+                                 "started: fix the spec and run again") from None  # fmt: skip
+
+
+def _axis(p: Any) -> Sequence[Any] | None:
+    """The values one parameter can take (None: continuous)."""
+    if p.type == "categorical":
+        return list(p.choices)
+    if p.type == "int":
+        return range(int(p.low), int(p.high) + 1, int(p.step or 1))
+    if p.step:
+        return [p.low + i * p.step for i in range(round((p.high - p.low) / p.step) + 1)]
+    return None
+
+
+def space_size(spec: SearchSpec) -> int | None:
+    """How many distinct points the space has (None: continuous)."""
+    axes = [_axis(p) for p in spec.space.values()]
+    return None if any(a is None for a in axes) else math.prod(len(a) for a in axes)
+
+
+def space_points(spec: SearchSpec) -> list[dict[str, Any]]:
+    """Every point of a finite space."""
+    axes = [_axis(p) for p in spec.space.values()]
+    return [dict(zip(spec.space, values, strict=True)) for values in itertools.product(*axes)]
+
+
+def in_space(spec: SearchSpec, params: dict[str, Any]) -> bool:
+    """Whether a trial's parameters are a point of the spec's space as it is now."""
+    if set(params) != set(spec.space):
+        return False
+    for key, value in params.items():
+        p = spec.space[key]
+        if p.type == "categorical" and value not in p.choices:
+            return False
+        if p.type != "categorical" and not p.low <= value <= p.high:
+            return False
+    return True
+
+
+def point(params: dict[str, Any]) -> frozenset:
+    return frozenset(params.items())
+
+
+def is_repeat(trial: Any) -> bool:
+    """A draw of a point already tried, closed at once: no run, not counted, not reported."""
+    return REPEAT in trial.user_attrs
 
 
 def enqueue_grid(spec: SearchSpec, study: Any, study_dir: Path) -> None:
     """The grid sampler's points, queued once in the study (shuffled by the seed): workers
     take them in turn, so no point is trained twice, however many workers ask at once."""
-    import itertools
     import random
 
     grid = [dict(zip(spec.space, values, strict=True))
@@ -130,14 +209,17 @@ class Worker:
 
     def __init__(self, spec: SearchSpec, base: list[str], study_dir: Path, url: str,
                  env: dict[str, str], launcher: str = "local",
-                 stop: SignalForwarder | None = None, index: int = 0) -> None:  # fmt: skip
+                 stop: SignalForwarder | None = None) -> None:  # fmt: skip
         self.spec, self.base, self.study_dir, self.url = spec, base, study_dir, url
         self.env, self.launcher, self.stop = env, launcher, stop
-        self.study = create_study(spec, url, worker=index)
+        self.study = create_study(spec, url)
         self.current: attempt.Attempt | None = None
         self.log: list[str] = []
 
-    def run_of(self, number: int, params: dict[str, Any]) -> Run:
+    def run_of(self, number: int, params: dict[str, Any], new: bool) -> Run:
+        """Trial ``number``'s run. A new trial's folder that already exists (left by an earlier
+        study of this name) is moved aside; a resumed trial's folder must hold the same
+        settings, else a ValueError: its old result is never attached to other settings."""
         from swin_lightning.cli import resolved_settings
 
         items = self.spec.items(params)
@@ -145,8 +227,27 @@ class Worker:
         settings = resolved_settings(args)
         run = Run(f"trial_{number}", self.spec.seed, fingerprint(settings),
                   self.study_dir / f"trial_{number}", args, items)  # fmt: skip
-        if not (run.dir / SETTINGS).is_file():
-            write_text(run.dir / SETTINGS, yaml.safe_dump(settings, sort_keys=False))
+        settings_file = run.dir / SETTINGS
+        if new and run.dir.exists():
+            moved = self.study_dir / ".moved" / f"{run.dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            moved.parent.mkdir(parents=True, exist_ok=True)
+            run.dir.rename(moved)
+            print(f"[tune] trial {number}: {run.dir} held a run this study never asked for (an "
+                  f"earlier study of the same name?); moved it to {moved}", flush=True)  # fmt: skip
+        elif settings_file.is_file():
+            try:
+                old = fingerprint(yaml.safe_load(settings_file.read_text()) or {})
+            except (OSError, yaml.YAMLError):
+                old = "unreadable"
+            if old != run.fingerprint:
+                raise ValueError(
+                    f"trial {number} of {self.spec.study} was started with other settings "
+                    f"({settings_file}: {old}, now {run.fingerprint}): the base config, the "
+                    "overrides or the spec's args changed since; run with the old ones to "
+                    "continue the study, or give the spec another study name"
+                )
+        if not settings_file.is_file():
+            write_text(settings_file, yaml.safe_dump(settings, sort_keys=False))
         return run
 
     def claim(self) -> tuple[int, Run, RunLock] | None:
@@ -158,18 +259,63 @@ class Worker:
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if RunLock(self.study_dir / f"trial_{t.number}").held_by():
                     continue  # another worker trains it: no need to resolve its settings
-                run = self.run_of(t.number, t.params)
+                if not in_space(self.spec, t.params):
+                    self.study.tell(t.number, state=TrialState.FAIL)
+                    print(f"[tune] trial {t.number}: its parameters {t.params} are not in the "
+                          "spec's space any more: marked failed", flush=True)  # fmt: skip
+                    continue
+                run = self.run_of(t.number, t.params, new=False)
                 try:
                     return t.number, run, RunLock(run.dir).acquire()
                 except RunBusyError:
                     continue  # another worker trains it
-            asked = [t for t in self.study.get_trials(deepcopy=False)
-                     if t.state != TrialState.WAITING]  # fmt: skip
-            if len(asked) >= self.spec.n_trials:
+            trial = self.ask()
+            if trial is None:
                 return None
+            try:
+                run = self.run_of(trial.number, trial.params, new=True)
+                return trial.number, run, RunLock(run.dir).acquire()
+            except BaseException:
+                self.study.tell(trial.number, state=TrialState.FAIL)  # never left RUNNING
+                raise
+
+    def ask(self) -> Any:
+        """A new trial at a point not tried or queued yet (None: ``n_trials`` reached, or the
+        space has no untried point). The sampler is seeded by the trial's number; a draw of
+        a tried point is closed as a repeat and, in a finite space, an untried point is
+        queued in its place."""
+        import random
+
+        from optuna.trial import TrialState
+
+        trials = [t for t in self.study.get_trials(deepcopy=False) if not is_repeat(t)]
+        if sum(t.state != TrialState.WAITING for t in trials) >= self.spec.n_trials:
+            return None
+        tried = {point(t.params): t.number for t in trials}
+        size = space_size(self.spec)
+        queued = any(t.state == TrialState.WAITING for t in trials)
+        for _ in range(MAX_REPEATS):
+            if size is not None and len(tried) >= size and not queued:
+                print(f"[tune] the space has {size} points and every one is tried: the study "
+                      f"stops at {len(trials)} trials (n_trials {self.spec.n_trials})",
+                      flush=True)  # fmt: skip
+                return None
+            number = len(self.study.get_trials(deepcopy=False))
+            self.study.sampler = make_sampler(self.spec, sampler_seed(self.spec, number))
             trial = self.study.ask()
-            run = self.run_of(trial.number, suggest(trial, self.spec))
-            return trial.number, run, RunLock(run.dir).acquire()
+            params = suggest(trial, self.spec)
+            if tried.get(point(params), trial.number) == trial.number:
+                return trial
+            trial.set_user_attr(REPEAT, tried[point(params)])
+            self.study.tell(trial, state=TrialState.FAIL)
+            if size is not None and size <= 100_000:
+                untried = [p for p in space_points(self.spec) if point(p) not in tried]
+                if untried:
+                    self.study.enqueue_trial(random.Random(number).choice(untried))
+                    queued = True
+        print(f"[tune] the sampler drew {MAX_REPEATS} tried points in a row: the study stops at "
+              f"{len(trials)} trials (n_trials {self.spec.n_trials})", flush=True)  # fmt: skip
+        return None
 
     def tell(self, number: int, run: Run, outcome: attempt.RunOutcome) -> str:
         from optuna.trial import TrialState
@@ -240,9 +386,9 @@ class TuneJob:
         env = {}
         if os.environ.get("SLURM_CPUS_PER_TASK") and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = os.environ["SLURM_CPUS_PER_TASK"]
-        self.worker = Worker(spec, base, study_dir, url, env, launcher="slurm", index=index)
+        self.worker = Worker(spec, base, study_dir, url, env, launcher="slurm")
         self.worker.loop()
-        return "\n".join(self.worker.log) or "study complete"
+        return f"worker {index}: " + ("\n".join(self.worker.log) or "study complete")
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit
@@ -289,7 +435,7 @@ def run_search(
     that stopped it (None when the study is complete). With the SLURM launcher the workers
     are submitted as an array and this returns at once."""
     spec = SearchSpec.load(spec_path)
-    if n_trials:
+    if n_trials is not None:
         spec.n_trials = n_trials
     settings = replace(launcher or spec.launcher)
     settings.parallel = parallel or settings.parallel
@@ -299,6 +445,7 @@ def run_search(
             raise FileNotFoundError(f"base config {config} not found")
     base = [a for c in base_configs for a in ("--config", c)]
     base += [*cli_args(spec.args), *cli_args(overrides or [])]
+    check_space(spec, base)
     study_dir = Path(log_dir) / spec.study
     url = storage_url(spec, study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -316,8 +463,7 @@ def run_search(
     )
     errors: list[BaseException] = []
     with SignalForwarder() as forwarder:
-        workers = [Worker(spec, base, study_dir, url, env, stop=forwarder, index=i)
-                   for i, env in enumerate(slots)]  # fmt: skip
+        workers = [Worker(spec, base, study_dir, url, env, stop=forwarder) for env in slots]
 
         def work(w: Worker) -> None:
             try:
@@ -377,6 +523,8 @@ def _launch(argv: list[str]) -> int:
     add_launcher_flags(parser)
     parser.set_defaults(parallel=None)
     args = parser.parse_intermixed_args(argv)
+    if args.n_trials is not None and args.n_trials < 1:
+        parser.error(f"--n_trials={args.n_trials} must be >= 1")
     settings = launcher_settings(args, SearchSpec.load(args.spec).launcher)
     study_dir, stopped = run_search(args.config, args.spec, args.log_dir, args.overrides,
                                     args.n_trials, args.parallel, settings)  # fmt: skip

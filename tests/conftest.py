@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
 from pathlib import Path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: one worker per core (pytest-xdist)
@@ -88,7 +89,7 @@ def pytest_collection_modifyitems(config, items) -> None:
     """Everything under tests/gpu/ is marked ``gpu``; ``gpu`` tests skip, with the reason,
     where no CUDA device is visible (``pytest -m gpu`` selects them).
 
-    Modules with slow tests come first, each module's tests together and in order: ``make
+    The longest modules come first (:data:`MODULE_SECONDS`), each module's tests together and in order: ``make
     test`` hands whole modules to its workers (``--dist loadscope``, so a module's trained
     fixture is built once), in this order, and no long module should start last while the
     other worker idles."""
@@ -100,7 +101,27 @@ def pytest_collection_modifyitems(config, items) -> None:
         if reason and item.get_closest_marker("gpu"):
             item.add_marker(pytest.mark.skip(reason=reason))
     slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module not in slow_modules)  # stable: modules stay whole
+
+    def seconds(item: pytest.Item) -> float:
+        name = item.module.__name__.rpartition(".")[2]
+        return MODULE_SECONDS.get(name, 30.0 if item.module in slow_modules else 0.0)
+
+    items.sort(key=lambda item: -seconds(item))  # stable: modules stay whole, longest first
+
+
+# Seconds each module took on one worker (junit times summed per module: `make test
+# PYTEST_ADDOPTS=--junitxml=j.xml` on the 2-core CI machine, 2026-12-06). `make test` hands
+# the modules out longest first (with --no-loadscope-reorder, which would sort them by test
+# count), so no long module starts last while the other worker idles. A module not listed
+# counts 30 s if it has a slow test, else 0.
+MODULE_SECONDS = {
+    "test_reliability": 168, "test_slurm": 146, "test_tune": 113, "test_packed": 112,
+    "test_training": 109, "test_ablation": 105, "test_bench": 100, "test_cli_configs": 99,
+    "test_resume": 87, "test_launchers": 57, "test_gpu_check": 26, "test_simmim": 21,
+    "test_export": 20, "test_loggers": 17, "test_bad_input": 16, "test_compile": 15,
+    "test_model_shapes": 13, "test_equivalence": 11, "test_swinv2": 9, "test_features": 7,
+    "test_pretrained": 6,
+}  # fmt: skip
 
 
 @pytest.fixture
@@ -113,6 +134,26 @@ def dynamo():
     counters.clear()
     yield counters
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """Mount a small tmpfs (root only); yields a function size_mb -> mount point."""
+    mounts = []
+
+    def mount(size_mb: float) -> Path:
+        point = tmp_path / f"fs{len(mounts)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size_mb * 1024)}k",
+                               "tmpfs", str(point)], capture_output=True)  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode()[:200]}")
+        mounts.append(point)
+        return point
+
+    yield mount
+    for point in mounts:
+        subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 @pytest.fixture

@@ -7,10 +7,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from swin_lightning.export import build_network, main, run_config
 from swin_lightning.storage import load_checkpoint
-from tests.conftest import TINY_DEMO, run_cli
+from tests.conftest import CONFIGS, TINY_DEMO, run_cli
 
 ort = pytest.importorskip("onnxruntime", reason="the export extra is in dev; CI installs it")
 
@@ -75,3 +76,31 @@ def test_export_errors_are_one_line(trained, tmp_path, capsys):
     assert str(blocker / "m.pt2") in capsys.readouterr().err
     assert main(["--ckpt_path", str(ckpt), *args, "--image_size", "31"]) == 1  # odd: not / patch 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_weights_of_another_network_name_the_keys_and_both_shapes(trained, tmp_path, capsys):
+    ckpt, _ = trained
+    config = yaml.safe_load((ckpt.parent.parent / "config.yaml").read_text())
+    config["model"]["net"]["init_args"]["embed_dim"] *= 2  # another run's config
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(config))
+    args = ["--ckpt_path", str(ckpt), "--config", str(other), "--format", "pt2"]
+    assert main([*args, "--out", str(tmp_path / "m.pt2")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    width = config["model"]["net"]["init_args"]["embed_dim"]
+    assert f"patch_embed.proj.weight: the checkpoint has ({width // 2}, 3," in err
+    assert f"the config's network ({width}, 3," in err and "pass --config" in err
+    assert not (tmp_path / "m.pt2").exists()
+
+
+def test_a_classifier_checkpoint_is_not_resumed_as_simmim_pretraining(trained, in_tmp, capsys):
+    ckpt, _ = trained
+    with pytest.raises(SystemExit) as stop:
+        run_cli("fit", "--config", str(CONFIGS / "simmim" / "pretrain_demo.yaml"),
+                f"--ckpt_path={ckpt}")  # fmt: skip
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --ckpt_path"), err
+    assert "classifier's checkpoint" in err
+    assert not (in_tmp / "logs").exists()

@@ -114,6 +114,30 @@ def test_pack_killed_midway_resumes_and_packs_each_image_once(tmp_path, capfd):
     assert meta["splits"]["train"]["per_class"] == dict.fromkeys(sorted(CLASSES), 300)
 
 
+def test_a_pack_cut_by_a_full_disk_is_one_line_and_the_rerun_packs_each_image_once(
+    tmp_path, tiny_fs, capfd
+):
+    tree = write_imagefolder(tmp_path / "tree", classes=("a", "b"), per_class=80, size=48)
+    disk = tiny_fs(1.7)  # a real tmpfs: the train split (1.2 MiB packed) fits, val does not
+    out = disk / "out"
+    args = ["--root", str(tree), "--out", str(out), "--num_workers", "2", "--chunk_bytes", "64KB"]
+    assert pack_main(args) == 1
+    err = capfd.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"the disk of {out} filled up while packing {tree / 'val'}" in errors[0]
+    assert "run the same pack command again" in errors[0]
+    assert (out / "train" / "index.json").is_file() and not (out / "val").exists()
+    # Space freed: the packed split is checked and kept, val is packed anew, each image once
+    # (before: litdata's checkpoint counted items whose chunk was never written: 162 of 160).
+    subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+    assert pack_main(args) == 0
+    for split in ("train", "val"):
+        paths = sorted(p for _, p in iter_labels(out / split))
+        assert paths == sorted(f"{c}/{i}.png" for c in ("a", "b") for i in range(80))
+    assert not list(out.glob(".bad_*")) and not list(out.glob(".pack_*.log"))
+
+
 def test_pack_without_splits_is_one_error_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert pack_main(["--root", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 1

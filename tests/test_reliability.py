@@ -44,26 +44,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """Mount a small tmpfs (root only); yields a function size_mb -> mount point."""
-    mounts = []
-
-    def mount(size_mb: float) -> Path:
-        point = tmp_path / f"fs{len(mounts)}"
-        point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size_mb * 1024)}k",
-                               "tmpfs", str(point)], capture_output=True)  # fmt: skip
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode()[:200]}")
-        mounts.append(point)
-        return point
-
-    yield mount
-    for point in mounts:
-        subprocess.run(["umount", "-l", str(point)], check=False)
-
-
 def immutable(folder: Path) -> None:
     done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
     if done.returncode != 0:

@@ -121,7 +121,7 @@ def _short_pretrain(*extra: str):
     )  # fmt: skip
 
 
-def test_pretraining_run_logs_loss_images_and_loads_into_a_classifier(in_tmp):
+def test_pretraining_run_logs_loss_images_and_loads_into_a_classifier(in_tmp, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cli = _short_pretrain()
@@ -154,6 +154,16 @@ def test_pretraining_run_logs_loss_images_and_loads_into_a_classifier(in_tmp):
         "--data.init_args.batch_size=16", "--trainer.fast_dev_run=true",
     )  # fmt: skip
     assert tuned.model.pretrained_report.reinitialized == ["head.bias", "head.weight"]
+
+    # Given as --ckpt_path to a classifier: what it is, and the way that works.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_cli("validate", "--config", str(CONFIGS / "demo.yaml"),
+                f"--ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")  # fmt: skip
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a SimMIM pretraining checkpoint" in err, err
+    assert "--model.pretrained" in err and "mask_patch_size" not in err
 
 
 def test_official_simmim_checkpoint_loads_with_window_transfer():
@@ -214,9 +224,7 @@ def test_ablate_plans_every_variant_of_a_simmim_config(tmp_path):
     path.write_text("experiment: mim\nseeds: [0, 1]\nvariants:\n"
                     "  r40: [model.init_args.mask_ratio=0.4]\n"
                     "  r60: [model.init_args.mask_ratio=0.6]\n")  # fmt: skip
-    runs, rejected = plan(["--config", PRETRAIN_DEMO], AblationSpec.load(path),
-                          tmp_path / "mim", [], [])  # fmt: skip
-    assert rejected == []
+    runs = plan(["--config", PRETRAIN_DEMO], AblationSpec.load(path), tmp_path / "mim", [], [])
     assert sorted((r.variant, r.seed) for r in runs) == [
         ("r40", 0), ("r40", 1), ("r60", 0), ("r60", 1)]  # fmt: skip
     assert len({r.fingerprint for r in runs}) == 2

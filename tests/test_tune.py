@@ -116,10 +116,13 @@ def test_killed_tune_continues_the_study_without_repeating_a_trial(tmp_path):
     assert "run the same command again" in err
     before = {t.number: t.state.name for t in trials(study_dir, "kill")}
     assert before == {0: "COMPLETE", 1: "RUNNING"}
-    assert main(args) == 0
+    assert main([*args, "--n_trials", "3"]) == 0
     after = trials(study_dir, "kill")
-    assert sorted(t.number for t in after) == [0, 1]
+    assert sorted(t.number for t in after) == [0, 1, 2]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in after)
+    # Trial 2 is this process's first draw: the sampler continues the study's sequence (before,
+    # every process seeded it alike and drew trial 0's rate again).
+    assert len({t.params["model.optimizer.init_args.lr"] for t in after}) == 3
     resumed = json.loads((study_dir / "trial_1" / "finished.json").read_text())
     assert resumed["resumed"] is True  # trial 1 went on from its last.ckpt, same number
     assert json.loads((study_dir / "trial_0" / "run.json").read_text())["attempts"] == 1

@@ -111,11 +111,16 @@ def pack_split(
             ) from err
     bad_dir = out.parent / f".bad_{out.name}"
     bad_dir.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f".pack_{out.name}.log"
+    if (out / "index.json").is_file() and not checkpoint.is_file():
+        return _verified(
+            split_dir, out, classes, items, bad_dir
+        )  # packed before a later split failed
     # litdata sets the process-wide start method; put it back, so DataLoaders started later
     # in this process keep theirs (fork on Linux: workers up in milliseconds, not seconds).
     start_method = multiprocessing.get_start_method(allow_none=True)
     try:
-        with contextlib.redirect_stdout(_WithoutAdvert(sys.stdout)):
+        with contextlib.redirect_stdout(_WithoutAdvert(sys.stdout)), _workers_stderr_to(log):
             litdata.optimize(
                 fn=PackItem(str(split_dir), str(bad_dir)),
                 inputs=inputs,
@@ -130,12 +135,23 @@ def pack_split(
             f"cannot resume the interrupted pack in {out} ({err}): {split_dir} changed since; "
             f"delete {out} and pack again"
         ) from err
+    except RuntimeError as err:  # litdata: a packing process failed (its error as text)
+        raise _failed_pack(err, split_dir, out, bad_dir, log) from None
     finally:
         multiprocessing.set_start_method(start_method, force=True)
+    if (out / "index.json").is_file():
+        log.unlink(missing_ok=True)
+    return _verified(split_dir, out, classes, items, bad_dir)
+
+
+def _verified(
+    split_dir: Path, out: Path, classes: list[str], items: list[tuple[str, int]], bad_dir: Path
+) -> tuple[list[str], Counter, list[str]]:
+    """The packed split read back and checked against the tree (per class)."""
     if not (out / "index.json").is_file():
         raise PackError(
-            f"packing {split_dir} wrote no index to {out}: its worker processes failed (see "
-            "above); fix the cause and run pack again"
+            f"packing {split_dir} wrote no index to {out}: its packing processes failed (see "
+            f"{out.parent / f'.pack_{out.name}.log'}); fix the cause and run pack again"
         )
     bad = sorted(
         {line.split("\t")[0] for f in bad_dir.glob("*.txt") for line in f.read_text().splitlines()}
@@ -151,8 +167,55 @@ def pack_split(
             f"{sum(expected.values())} readable images; per class (tree - packed): {missing}. "
             f"Delete {out} and pack again"
         )
+    return classes, packed, bad  # bad_dir stays until the whole pack is written (pack())
+
+
+@contextlib.contextmanager
+def _workers_stderr_to(log: Path):
+    """The packing processes (started while inside) write their stderr to ``log``; this
+    process keeps its own (the progress bar). A failing worker's traceback lands in the log,
+    and the command says what happened in one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(log, "ab") as f:
+            os.dup2(f.fileno(), 2)
+    except OSError:  # no room even for the log: the workers keep this stderr
+        os.close(saved)
+        yield
+        return
+    own = sys.stderr
+    # ``saved`` stays open after the block (one descriptor per split): a progress bar may
+    # still write to this stream, and a stream owning it would close a reused number later.
+    sys.stderr = open(saved, "w", buffering=1, closefd=False)  # noqa: SIM115
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr = own
+        os.dup2(saved, 2)
+
+
+def _failed_pack(err: RuntimeError, split_dir: Path, out: Path, bad_dir: Path, log: Path):
+    """The :class:`PackError` of a packing process that failed. A full disk removes the
+    split's partial chunks: litdata's checkpoint can count items whose chunk was never
+    written, so resuming would pack some twice; the re-run packs the split anew."""
+    text = str(err)
+    last = next((ln.strip() for ln in reversed(text.splitlines()) if "Error" in ln), text[:200])
+    full = "No space left on device" in text or shutil.disk_usage(out.parent).free < 2**20
+    if not full:
+        return PackError(f"packing {split_dir} failed in a packing process ({last}; its "
+                         f"output: {log}); fix the cause and run pack again")  # fmt: skip
+    shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(bad_dir, ignore_errors=True)
-    return classes, packed, bad
+    log.unlink(missing_ok=True)
+    need = sum(p.stat().st_size for p in split_dir.rglob("*") if p.is_file()) / 2**20
+    return PackError(
+        f"the disk of {out.parent} filled up while packing {split_dir} ([Errno 28] No space "
+        f"left on device): its partial chunks were removed (a pack cut by a full disk cannot "
+        f"be resumed safely); free about {need:.0f} MiB there (the split's images) and run the "
+        "same pack command again"
+    )
 
 
 def iter_labels(split: Path):
@@ -219,4 +282,6 @@ def pack(
         bad_all += bad
     write_text(out / BAD_LIST, "".join(f"{p}\n" for p in bad_all))
     write_text(out / META, json.dumps(meta, indent=1))
+    for split in present:  # a re-run before meta.json re-checks a packed split with them
+        shutil.rmtree(out / f".bad_{split}", ignore_errors=True)
     return meta

@@ -42,15 +42,38 @@ class TrialEnv:
         return cls(storage, study, int(number), metric, pruner)
 
 
+class StorageDamaged(ValueError):
+    """An Optuna storage that cannot be read: one line saying which and what to do."""
+
+    def __init__(self, url: str, err: BaseException):
+        cause = " ".join(str(getattr(err, "orig", None) or err).split())[:200]
+        super().__init__(
+            f"the study storage {url} cannot be read ({type(err).__name__}: {cause}); if it "
+            "is a damaged file, move it away and run the same tune command again: a new "
+            "study starts (the old trial folders are moved aside, never reused), or restore "
+            "the file from a backup"
+        )
+
+
 def open_storage(url: str) -> Any:
-    """An Optuna storage from a URL; ``journal:<file>`` is Optuna's journal file storage."""
+    """An Optuna storage from a URL; ``journal:<file>`` is Optuna's journal file storage. It
+    is read once here, so a damaged file is a :class:`StorageDamaged`, not a traceback."""
     import optuna
 
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-    return optuna.storages.get_storage(url)
+            backend = JournalFileBackend(url.removeprefix("journal:"))
+            storage = optuna.storages.JournalStorage(backend)
+        else:
+            storage = optuna.storages.get_storage(url)
+        for study in storage.get_all_studies():
+            storage.get_all_trials(storage.get_study_id_from_name(study.study_name),
+                                   deepcopy=False)  # fmt: skip
+    except Exception as err:  # sqlalchemy's and the journal's errors have no common base
+        raise StorageDamaged(url, err) from None
+    return storage
 
 
 def make_pruner(name: str) -> Any:

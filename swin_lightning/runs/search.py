@@ -65,7 +65,8 @@ class SearchSpec:
         n_trials: Trials in the study, counted over every worker and re-run.
         sampler: Optuna sampler: ``tpe``, ``random``, ``grid`` or ``cmaes``.
         pruner: Optuna pruner on the per-epoch metric: ``median``, ``hyperband`` or ``none``.
-        seed: Seed of the sampler and of every trial's run.
+        seed: Seed of every trial's run, and with the study name and the trial's number
+            the seed of the sampler for that trial (a re-run continues, never repeats).
         storage: Optuna storage: None (SQLite in the study folder), ``journal`` (a journal
             file there, for cluster file systems) or a storage URL.
         args: Overrides for every trial.
@@ -107,6 +108,11 @@ class SearchSpec:
                     raise ValueError(f"{where}: mixes overlay files and values")
                 if all(overlays):
                     p.choices = [_resolve(c, path.parent, path) for c in p.choices]
+                same = [(a, b) for i, a in enumerate(p.choices) for b in p.choices[i + 1 :]
+                        if a == b]  # fmt: skip
+                if same:
+                    raise ValueError(f"{where}: choices {same[0][0]!r} and {same[0][1]!r} are "
+                                     "the same value: list each once")  # fmt: skip
                 continue
             if p.low is None or p.high is None or not p.low < p.high:
                 raise ValueError(f"{where}: a {p.type} parameter needs low < high "

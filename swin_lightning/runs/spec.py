@@ -158,6 +158,28 @@ class AblationSpec:
                 raise ValueError(f"{path}: {where}: {err}") from None
 
 
+class DuplicateKeyError(ValueError):
+    """A YAML mapping gives one key twice."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (plain YAML keeps the
+    last one silently: two variants of one name would drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKeyError(
+                    f"{key!r} is given twice (lines {seen[key]} and {line}); "
+                    "YAML would keep only the last: rename or remove one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_typed_spec(cls: type, path: str | Path, name_key: str) -> Any:
     """A YAML spec file as a ``cls`` dataclass, validated by jsonargparse; ``name_key``
     defaults to the file's stem. Any problem is one ValueError naming the file and the key."""
@@ -165,9 +187,11 @@ def load_typed_spec(cls: type, path: str | Path, name_key: str) -> Any:
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from None
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    except DuplicateKeyError as err:
+        raise ValueError(f"{path}: {err}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a spec is a mapping of keys ({name_key}, ...)")
     raw.setdefault(name_key, path.stem)
