@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml
 
 # The suite on TEST_WORKERS pytest-xdist workers, one torch thread each (tests/conftest.py);
 # each test module runs whole on one worker, so its shared fixtures (a trained run, the SLURM
-# cluster) are built once (--dist loadscope).
+# cluster) are built once (--dist loadscope), longest modules first (conftest.py's measured
+# seconds; --no-loadscope-reorder keeps that order). Three workers on two cores: many tests
+# wait on subprocesses, signals and SLURM, so a third keeps the cores busy (2 workers: 705 s,
+# 3: 661 s on the 2-core machine, 2026-12-06).
 TEST_WORKERS ?= 3
 test: install
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
