@@ -117,10 +117,10 @@ def test_pack_killed_midway_resumes_and_packs_each_image_once(tmp_path, capfd):
 def test_a_pack_cut_by_a_full_disk_is_one_line_and_the_rerun_packs_each_image_once(
     tmp_path, tiny_fs, capfd
 ):
-    tree = write_imagefolder(tmp_path / "tree", classes=("a", "b"), per_class=80, size=48)
-    disk = tiny_fs(1.7)  # a real tmpfs: the train split (1.2 MiB packed) fits, val does not
+    tree = write_imagefolder(tmp_path / "tree", classes=("a", "b"), per_class=40, size=48)
+    disk = tiny_fs(0.9)  # a real tmpfs: the train split (0.6 MiB packed) fits, val does not
     out = disk / "out"
-    args = ["--root", str(tree), "--out", str(out), "--num_workers", "2", "--chunk_bytes", "64KB"]
+    args = ["--root", str(tree), "--out", str(out), "--num_workers", "1", "--chunk_bytes", "64KB"]
     assert pack_main(args) == 1
     err = capfd.readouterr().err
     errors = [ln for ln in err.splitlines() if "error:" in ln]
@@ -134,7 +134,7 @@ def test_a_pack_cut_by_a_full_disk_is_one_line_and_the_rerun_packs_each_image_on
     assert pack_main(args) == 0
     for split in ("train", "val"):
         paths = sorted(p for _, p in iter_labels(out / split))
-        assert paths == sorted(f"{c}/{i}.png" for c in ("a", "b") for i in range(80))
+        assert paths == sorted(f"{c}/{i}.png" for c in ("a", "b") for i in range(40))
     assert not list(out.glob(".bad_*")) and not list(out.glob(".pack_*.log"))
 
 
