@@ -70,24 +70,23 @@ def plan(
     ValueError naming them."""
     from swin_lightning.cli import resolved_settings
 
-    resolved: dict[str, tuple[list[str], dict]] = {}
+    resolved: dict[str, tuple[list[str], dict, str]] = {}
+    by_fingerprint: dict[str, str] = {}
     for variant, items in spec.variants.items():
         args = [*base, *cli_args(items), *cli_args(spec.args), *cli_args(overrides), *extra]
         try:
-            resolved[variant] = args, resolved_settings(args)
+            settings = resolved_settings(args)
         except (ValueError, OSError) as err:
             raise ValueError(f"variant {variant!r} of {spec.experiment}: {err}; nothing was "
                              "run: fix the spec and run again") from None  # fmt: skip
-    same: dict[str, str] = {}
-    for variant, (_, settings) in resolved.items():
         fp = fingerprint(settings)
-        if fp in same:
-            raise ValueError(f"variants {same[fp]!r} and {variant!r} of {spec.experiment} "
-                             "resolve to the same settings: remove one")  # fmt: skip
-        same[fp] = variant
+        if fp in by_fingerprint:
+            raise ValueError(f"variants {by_fingerprint[fp]!r} and {variant!r} of "
+                             f"{spec.experiment} resolve to the same settings: remove one")  # fmt: skip
+        by_fingerprint[fp] = variant
+        resolved[variant] = args, settings, fp
     runs = []
-    for variant, (args, settings) in resolved.items():
-        fp = fingerprint(settings)
+    for variant, (args, settings, fp) in resolved.items():
         accelerator = str((settings.get("trainer") or {}).get("accelerator", "auto"))
         settings_file = exp_dir / variant / fp / SETTINGS
         if not settings_file.is_file():

@@ -164,8 +164,7 @@ def enqueue_grid(spec: SearchSpec, study: Any, study_dir: Path) -> None:
     take them in turn, so no point is trained twice, however many workers ask at once."""
     import random
 
-    grid = [dict(zip(spec.space, values, strict=True))
-            for values in itertools.product(*(p.choices for p in spec.space.values()))]  # fmt: skip
+    grid = space_points(spec)
     random.Random(spec.seed).shuffle(grid)
     spec.n_trials = min(spec.n_trials, len(grid))
     with study_lock(study_dir):

@@ -68,9 +68,7 @@ def open_storage(url: str) -> Any:
             storage = optuna.storages.JournalStorage(backend)
         else:
             storage = optuna.storages.get_storage(url)
-        for study in storage.get_all_studies():
-            storage.get_all_trials(storage.get_study_id_from_name(study.study_name),
-                                   deepcopy=False)  # fmt: skip
+        storage.get_all_studies()  # reads the file: a damaged one fails here
     except Exception as err:  # sqlalchemy's and the journal's errors have no common base
         raise StorageDamaged(url, err) from None
     return storage
