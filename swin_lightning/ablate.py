@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from swin_lightning.protocol import SETTINGS
-from swin_lightning.report import write_report
+from swin_lightning.report import METRICS, summary_lines, write_comparison, write_report
 from swin_lightning.runs.attempt import RunOutcome
 from swin_lightning.runs.campaign import campaign_dir, dispatch, folder_parser, stop_message
 from swin_lightning.runs.launchers import (
@@ -117,7 +117,8 @@ def select(statuses: list[RunStatus], retry_failed: bool) -> tuple[list[Run], li
 
 
 def report_experiment(experiment: Experiment, statuses: list[RunStatus]) -> Path:
-    """Write the report of the finished runs; the others are listed with their state."""
+    """Write the report of the finished runs (the others are listed with their state) and
+    print each variant's line of it."""
     current: dict[str, list[Path]] = {}
     failed: dict[str, list[str]] = {}
     notes = []
@@ -128,8 +129,10 @@ def report_experiment(experiment: Experiment, statuses: list[RunStatus]) -> Path
             failed.setdefault(s.run.variant, []).append(str(s.run.seed))
         else:
             notes.append(f"{s.run.variant} seed {s.run.seed}: {s.state}")
-    write_report(experiment.dir, experiment.reference, experiment.variants, failed, current,
-                 not_finished=notes)  # fmt: skip
+    rows = write_report(experiment.dir, experiment.reference, experiment.variants, failed,
+                        current, notes, experiment.alpha, experiment.metric)  # fmt: skip
+    for line in summary_lines(rows, experiment.metric):
+        print(f"[ablate] {line}", flush=True)
     return experiment.dir / "report.md"
 
 
@@ -167,7 +170,8 @@ def run_ablation(
     extra = chosen.run_args() if isinstance(chosen, SlurmLauncher) else []
     runs = plan(base, spec, exp_dir, overrides or [], extra)
     outcomes = []
-    experiment = Experiment(exp_dir, spec.reference, list(spec.variants), runs, settings.name)
+    experiment = Experiment(exp_dir, spec.reference, list(spec.variants), runs, settings.name,
+                            spec.alpha, spec.metric)  # fmt: skip
     experiment.save()
     todo, left = select([read_status(r, progress=False) for r in runs], retry_failed)
     outcomes += left
@@ -223,10 +227,38 @@ def _show_status(argv: list[str]) -> int:
     return 0
 
 
+def finished_run_dirs(experiment: Experiment) -> dict[str, list[Path]]:
+    """The finished runs of the experiment's last launch, by variant."""
+    current: dict[str, list[Path]] = {}
+    for s in (read_status(r, progress=False) for r in experiment.runs):
+        if s.state == "finished":
+            current.setdefault(s.run.variant, []).append(s.run.dir)
+    return current
+
+
 def _write_report(argv: list[str]) -> int:
-    experiment = _load_experiment(argv, "report", "Report the finished runs of an experiment.")
-    statuses = [read_status(r, progress=False) for r in experiment.runs]
-    print(f"[ablate] report: {report_experiment(experiment, statuses)}")
+    parser = folder_parser("ablate report", "experiment",
+                           "Report the finished runs of an experiment.")  # fmt: skip
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="significance level of the verdicts (default: the spec's)")  # fmt: skip
+    parser.add_argument("--metric", choices=METRICS, default=None,
+                        help="val top-1 the tests compare (default: the spec's)")  # fmt: skip
+    parser.add_argument("--compare", nargs="+", default=[], metavar="OTHER",
+                        help="other experiments (folder or name under --log_dir) to put in "
+                             "one table with this one")  # fmt: skip
+    args = parser.parse_args(argv)
+    experiment = Experiment.load(campaign_dir(args.experiment, args.log_dir, "experiment.json"))
+    alpha = experiment.alpha if args.alpha is None else args.alpha
+    metric = args.metric or experiment.metric
+    if not args.compare:
+        experiment.alpha, experiment.metric = alpha, metric
+        statuses = [read_status(r, progress=False) for r in experiment.runs]
+        print(f"[ablate] report: {report_experiment(experiment, statuses)}")
+        return 0
+    others = [Experiment.load(campaign_dir(o, args.log_dir, "experiment.json"))
+              for o in args.compare]  # fmt: skip
+    table = [(e.dir, e.reference, e.variants, finished_run_dirs(e)) for e in [experiment, *others]]
+    print(f"[ablate] comparison: {write_comparison(table, alpha, metric)}")
     return 0
 
 

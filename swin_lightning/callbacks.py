@@ -1,9 +1,12 @@
-"""Callbacks the CLI adds by default: image throughput and the predictions CSV (the attention
-pictures callback lives with the pictures, in visualize.py)."""
+"""Callbacks the CLI adds by default: image throughput, the run's cost (time, peak memory,
+devices) and the predictions CSV (the attention pictures callback lives with the pictures, in
+visualize.py)."""
 
 from __future__ import annotations
 
 import csv
+import resource
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,58 @@ class ImageThroughputMonitor(ThroughputMonitor):
 
     def __init__(self, window_size: int = 20):
         super().__init__(batch_size_fn=images_in_batch, window_size=window_size)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far in MiB: CUDA's peak allocation on a GPU, the peak
+    resident set size (RSS) of the process on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class RunCostMonitor(L.Callback):
+    """Logs what a fit costs, for the ablation report's cost columns, after every training
+    epoch (its validation included):
+
+    - ``cost/wall_seconds``: seconds spent in the epochs so far. Carried across a resume in
+      the checkpoint; the part of an epoch that a kill cut short (after its last save) is
+      not counted, nor start-up.
+    - ``cost/peak_mem_mb``: :func:`peak_memory_mb` of rank 0.
+    - ``cost/gpus``: GPUs of the run (0 on the CPU) and ``cost/cpu_threads``: torch threads
+      per process times processes; a report turns wall time into GPU- or CPU-hours with them.
+    """
+
+    def __init__(self):
+        self.wall_seconds = 0.0
+        self._epoch_start: float | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._epoch_start is None:
+            return
+        self.wall_seconds += time.monotonic() - self._epoch_start
+        self._epoch_start = None
+        if trainer.logger is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        on_gpu = pl_module.device.type == "cuda"
+        trainer.logger.log_metrics(
+            {
+                "cost/wall_seconds": self.wall_seconds,
+                "cost/peak_mem_mb": peak_memory_mb(pl_module.device),
+                "cost/gpus": float(trainer.world_size if on_gpu else 0),
+                "cost/cpu_threads": float(torch.get_num_threads() * trainer.world_size),
+            },
+            step=trainer.global_step,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"wall_seconds": self.wall_seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.wall_seconds = float(state_dict.get("wall_seconds", 0.0))
 
 
 class PredictionCSVWriter(BasePredictionWriter):

@@ -27,6 +27,7 @@ from swin_lightning.callbacks import (
     ImageThroughputMonitor,
     PartialPredictionError,
     PredictionCSVWriter,
+    RunCostMonitor,
 )
 from swin_lightning.classifier import SwinClassifier
 from swin_lightning.data import ClassificationDataModule
@@ -430,12 +431,12 @@ class SwinCLI(LightningCLI):
             lock.release()
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        """Add the random-state checkpointing, and a rich progress bar unless the bar is off or
+        """Add the random-state checkpointing, the preflight check, the cost monitor, and a rich progress bar unless the bar is off or
         the config brings its own."""
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []
         callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), ResumeState()]
-        callbacks.append(Preflight())
+        callbacks += [Preflight(), RunCostMonitor()]
         from swin_lightning.runs.pruning import trial_pruning_from_env
 
         pruning = trial_pruning_from_env()  # a trial of `tune`: report to its study, prune

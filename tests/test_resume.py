@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from swin_lightning.callbacks import RunCostMonitor
 from swin_lightning.resilience import NonFiniteLossError
 from tests.conftest import CONFIGS, QUIET, REPO, TINY_DEMO, run_cli
 
@@ -185,10 +186,14 @@ def test_a_stopped_fit_saves_and_resumes_exactly(case, in_tmp, references):
         {"epoch": epoch, "batches": batches}
     ]
     assert {"torch", "numpy", "python"} <= set(state["callbacks"]["ResumeState"]["rng"])
+    saved_seconds = state["callbacks"]["RunCostMonitor"]["wall_seconds"]
+    assert saved_seconds > 0  # epoch 0's time, carried in the checkpoint
 
     cli = run_cli("fit", *RUN, *stop.extra, RECORD, "--ckpt_path=last")
     assert Path(cli.trainer.log_dir).resolve() == run_dir
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
+    cost = next(c for c in cli.trainer.callbacks if isinstance(c, RunCostMonitor))
+    assert cost.wall_seconds > saved_seconds  # the resumed epochs add to the saved time
     record = next(c for c in cli.trainer.callbacks if isinstance(c, RecordBatches))
     # Same batches, in the same order, from the first step after the checkpoint on.
     want = {s: t for s, t in reference["targets"].items() if s >= stop.saved_step}

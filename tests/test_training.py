@@ -186,7 +186,8 @@ def test_tensorboard_logs_and_versioned_runs(in_tmp):
     assert (in_tmp / second.trainer.log_dir).resolve() == log_dir / "version_1"  # new folder
     tags = set(events(log_dir / "version_0").Tags()["scalars"])
     wanted = {"train/loss", "train/acc1", "train/acc5", "val/loss", "val/acc1", "val/acc5",
-              "lr-AdamW/pg1", "train/device/samples_per_sec"}  # fmt: skip
+              "lr-AdamW/pg1", "train/device/samples_per_sec", "cost/wall_seconds",
+              "cost/peak_mem_mb", "cost/gpus", "cost/cpu_threads"}  # fmt: skip
     assert wanted <= tags, wanted - tags
     assert (log_dir / "version_0" / "config.yaml").is_file()
     ckpts = {p.name for p in (log_dir / "version_0" / "checkpoints").iterdir()}

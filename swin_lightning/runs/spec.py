@@ -109,6 +109,10 @@ class AblationSpec:
         grid: Axis (dotted config key, or a label for overlay files) -> values.
         seeds: Seeds; every variant runs once per seed.
         reference: The variant the others are compared with (default: the first).
+        alpha: Significance level of the report's verdicts; its intervals are 1 - alpha.
+        metric: Which val top-1 of a run the report's tests compare: ``final`` (the last
+            epoch's) or ``best`` (the highest epoch's, picked on the validation set itself, so
+            biased upward).
         args: Overrides for every run.
         launcher: Launcher defaults (flags of ``ablate`` override them).
     """
@@ -118,6 +122,8 @@ class AblationSpec:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
     reference: str | None = None
+    alpha: float = 0.05
+    metric: Literal["final", "best"] = "final"
     args: list[str] = field(default_factory=list)
     launcher: LauncherSettings = field(default_factory=LauncherSettings)
 
@@ -144,6 +150,8 @@ class AblationSpec:
             raise ValueError(f"{path}: 'seeds' must list at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"{path}: 'seeds' lists a seed twice: {self.seeds}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"{path}: alpha={self.alpha} must lie between 0 and 1 (e.g. 0.05)")
         self.reference = self.reference or next(iter(self.variants))
         if self.reference not in self.variants:
             raise ValueError(

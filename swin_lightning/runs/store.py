@@ -136,11 +136,13 @@ class Experiment:
     variants: list[str]
     runs: list[Run]
     launcher: str = "local"
+    alpha: float = 0.05  # the report's significance level
+    metric: str = "final"  # which val top-1 the report's tests compare
 
     def save(self) -> None:
         manifest = {
             "experiment": self.dir.name, "reference": self.reference, "variants": self.variants,
-            "launcher": self.launcher, "saved": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "launcher": self.launcher, "alpha": self.alpha, "metric": self.metric, "saved": time.strftime("%Y-%m-%d %H:%M:%S"),
             "runs": [r.to_dict(self.dir) for r in self.runs],
         }  # fmt: skip
         write_text(self.dir / MANIFEST, json.dumps(manifest, indent=1))
@@ -157,7 +159,8 @@ class Experiment:
             )
         runs = [Run(**{**r, "dir": exp_dir / r["dir"]}) for r in manifest["runs"]]
         return cls(exp_dir, manifest["reference"], manifest["variants"], runs,
-                   manifest.get("launcher", "local"))  # fmt: skip
+                   manifest.get("launcher", "local"), manifest.get("alpha", 0.05),
+                   manifest.get("metric", "final"))  # fmt: skip
 
 
 @dataclass
