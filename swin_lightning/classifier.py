@@ -16,6 +16,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from swin_lightning.models import SwinTransformer, compile_network, load_pretrained
+from swin_lightning.models.net_spec import SelfContainedCheckpoint
 from swin_lightning.models.pretrained import LoadReport, shape_mismatches
 from swin_lightning.optimization import (
     StepScheduledOptimization,
@@ -27,7 +28,7 @@ from swin_lightning.optimization import (
 STAGES = ("train", "val", "test")
 
 
-class SwinClassifier(StepScheduledOptimization, L.LightningModule):
+class SwinClassifier(SelfContainedCheckpoint, StepScheduledOptimization, L.LightningModule):
     """Image classification with a Swin Transformer.
 
     Args:

@@ -1,13 +1,18 @@
-"""``python -m swin_lightning export``: a trained checkpoint as ONNX or a ``torch.export``
-program (``.pt2``), checked against the PyTorch model on the spot.
+"""``python -m swin_lightning export``: a trained checkpoint as ONNX, a ``torch.export``
+program (``.pt2``), or timm's, Hugging Face's or torchvision's own files, checked against the
+PyTorch model on the spot.
 
     python -m swin_lightning export --ckpt_path logs/demo/version_0/checkpoints/last.ckpt \\
         --format onnx --out demo.onnx
+    python -m swin_lightning export --ckpt_path ... --format timm --out demo_timm/
 
-The network is rebuilt from the run's ``config.yaml`` (beside ``checkpoints/``; ``--config``
-for another), with the checkpoint's weights (the EMA average when the run kept one). The
-batch dimension is dynamic; height and width are those of ``--image_size`` (default: the
-run's data). ONNX is checked in onnxruntime (the ``export`` extra).
+The network is the one the checkpoint holds (:mod:`swin_lightning.models.net_spec`); an
+older checkpoint's is rebuilt from the run's ``config.yaml`` (beside ``checkpoints/``;
+``--config`` for another, which also overrides the checkpoint's), with the checkpoint's
+weights (the EMA average when the run kept one). The batch dimension is dynamic; height and
+width are those of ``--image_size`` (default: the run's data). ONNX is checked in onnxruntime (the ``export`` extra); ``timm``, ``hf`` and
+``torchvision`` write a folder that the library itself reads back for the check
+(:mod:`swin_lightning.library_files`; ``hf`` needs the ``hf`` extra).
 """
 
 from __future__ import annotations
@@ -21,10 +26,15 @@ from typing import Any
 import torch
 import yaml
 
+from swin_lightning.library_files import LibraryMismatch, write_library_files
 from swin_lightning.models import SwinTransformer
+from swin_lightning.models.library_export import NotExpressible
+from swin_lightning.models.net_spec import DATA_KEY, NET_KEY, data_record
 from swin_lightning.storage import CheckpointError, WriteError, load_checkpoint, write_bytes
 
-FORMATS = ("onnx", "pt2")
+FILE_FORMATS = ("onnx", "pt2")
+FOLDER_FORMATS = ("timm", "hf", "torchvision")  # the libraries' own files
+FORMATS = FILE_FORMATS + FOLDER_FORMATS
 CHECK_BATCHES = (1, 3)
 
 
@@ -47,29 +57,71 @@ def run_config(ckpt_path: Path, config: str | None) -> dict[str, Any]:
     return loaded
 
 
+def _weights_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    weights = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    if "head.weight" not in weights:
+        raise ExportError("the checkpoint holds no network weights (no net.head.weight)")
+    return weights
+
+
+def _size(size: int | list[int]) -> tuple[int, int]:
+    size = [size, size] if isinstance(size, int) else list(size)
+    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+
+
+def _loaded(init_args: dict[str, Any], weights: dict[str, torch.Tensor]) -> SwinTransformer:
+    net = SwinTransformer(**{**init_args, "num_classes": weights["head.weight"].shape[0]})
+    check_weights(net.state_dict(), weights)
+    net.load_state_dict(weights)
+    return net.eval()
+
+
 def build_network(
     config: dict[str, Any], state: dict[str, torch.Tensor], image_size: list[int] | None
 ) -> SwinTransformer:
     """The run's network with the checkpoint's weights, in eval mode."""
     net_cfg = config["model"]["net"]
     init_args = dict(net_cfg.get("init_args") or {})
-    weights = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
-    if "head.weight" not in weights:
-        raise ExportError("the checkpoint holds no network weights (no net.head.weight)")
+    weights = _weights_of(state)
     data_args = (config.get("data") or {}).get("init_args") or {}
     size = image_size or data_args.get("image_size")
     if size is None and "CIFAR" in str((config.get("data") or {}).get("class_path", "")):
         size = 32
     if size is None:
         raise ExportError("the run's data sets no image_size; pass --image_size H [W]")
-    size = [size, size] if isinstance(size, int) else list(size)
-    if len(size) == 1:
-        size = size * 2
-    net = SwinTransformer(**{**init_args, "num_classes": weights["head.weight"].shape[0],
-                             "img_size": tuple(size)})  # fmt: skip
-    check_weights(net.state_dict(), weights)
-    net.load_state_dict(weights)
-    return net.eval()
+    return _loaded({**init_args, "img_size": _size(size)}, weights)
+
+
+def network_of_checkpoint(
+    checkpoint: dict[str, Any], image_size: list[int] | None
+) -> SwinTransformer:
+    """The network a self-contained checkpoint describes, with its weights, in eval mode
+    (``image_size``: another input size than it was trained at)."""
+    spec = checkpoint[NET_KEY]
+    if not str(spec.get("class_path", "")).endswith(".SwinTransformer"):
+        raise ExportError(f"export takes a SwinTransformer, not {spec.get('class_path')}")
+    init_args = dict(spec.get("init_args") or {})
+    if image_size:
+        init_args["img_size"] = _size(image_size)
+    return _loaded(init_args, _weights_of(checkpoint["state_dict"]))
+
+
+def data_from_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The data record of a run (evaluation transform, class names) from its data module
+    built as configured: for checkpoints written before they held it."""
+    import importlib
+
+    data = config.get("data") or {}
+    module, _, name = str(data.get("class_path", "")).rpartition(".")
+    if not module.startswith("swin_lightning.data"):
+        raise CheckpointError(f"the run's data class {data.get('class_path')!r} is not one of "
+                              "swin_lightning's: its evaluation transform is unknown")  # fmt: skip
+    try:
+        datamodule = getattr(importlib.import_module(module), name)(**(data.get("init_args") or {}))
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"the run's data module cannot be built here ({err}); its "
+                              "evaluation transform comes from it") from None  # fmt: skip
+    return data_record(datamodule)
 
 
 def check_weights(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
@@ -134,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint of a swin_lightning run")
     parser.add_argument("--format", choices=FORMATS, required=True)
-    parser.add_argument("--out", required=True, help="file to write (.onnx or .pt2)")
+    parser.add_argument("--out", required=True,
+                        help="file to write (.onnx, .pt2) or folder (timm, hf, torchvision)")  # fmt: skip
     parser.add_argument("--config", default=None, help="run config (default: the run's)")
     parser.add_argument("--image_size", type=int, nargs="+", default=None, metavar="H [W]",
                         help="input height and width (default: the run's data.image_size)")  # fmt: skip
@@ -146,10 +199,20 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = Path(args.ckpt_path)
     try:
         checkpoint = load_checkpoint(ckpt)
-        net = build_network(run_config(ckpt, args.config), checkpoint["state_dict"],
-                            args.image_size)  # fmt: skip
-        diff = export(net, args.format, Path(args.out))
-    except (ExportError, CheckpointError, FileNotFoundError, WriteError) as err:
+        data = checkpoint.get(DATA_KEY)
+        if NET_KEY in checkpoint and args.config is None:  # self-contained: no config needed
+            net = network_of_checkpoint(checkpoint, args.image_size)
+        else:
+            config = run_config(ckpt, args.config)
+            net = build_network(config, checkpoint["state_dict"], args.image_size)
+            if data is None and args.format in FOLDER_FORMATS:
+                data = data_from_config(config)
+        if args.format in FOLDER_FORMATS:
+            diff = write_library_files(net, args.format, Path(args.out), data, args.tolerance)
+        else:
+            diff = export(net, args.format, Path(args.out))
+    except (ExportError, CheckpointError, FileNotFoundError, WriteError, ImportError,
+            NotExpressible, LibraryMismatch) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr)
         return 1
     except (ValueError, RuntimeError) as err:  # the network rejects the size, or a bad config
@@ -158,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     h, w = net.img_size
     verdict = "ok" if diff <= args.tolerance else f"above --tolerance {args.tolerance:g}"
+    if args.format in FOLDER_FORMATS:  # (write_library_files refuses a folder that differs)
+        print(f"wrote {args.out}/ ({args.format}'s own files, input (batch, 3, {h}, {w})); read "
+              f"back with {args.format}: max |logits - ours| over batches {CHECK_BATCHES}: "
+              f"{diff:.2e} (ok)")  # fmt: skip
+        return 0
     print(f"wrote {args.out} ({args.format}, input (batch, 3, {h}, {w}), batch dynamic); max "
           f"|logits - PyTorch| over batches {CHECK_BATCHES}: {diff:.2e} ({verdict})")  # fmt: skip
     if diff > args.tolerance:

@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from swin_lightning.models import SwinTransformer
+from swin_lightning.models.net_spec import SelfContainedCheckpoint
 from swin_lightning.optimization import StepScheduledOptimization, set_flops, weight_decay_groups
 
 # Validation masks come from their own seeds, apart from the training steps' seeds.
@@ -75,7 +76,7 @@ def reconstruction_loss(
     return error.sum() / (weight.sum() * reconstruction.shape[1] + 1e-5)
 
 
-class SimMIM(StepScheduledOptimization, L.LightningModule):
+class SimMIM(SelfContainedCheckpoint, StepScheduledOptimization, L.LightningModule):
     """SimMIM masked image modeling: pretrain a Swin encoder without labels.
 
     Args:

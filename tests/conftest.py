@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
+import sys
 from pathlib import Path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: one worker per core (pytest-xdist)
@@ -195,3 +196,25 @@ def slurm():
     yield cluster
     cluster.stop()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+LOAD_IN_A_NEW_PROCESS = """
+import sys, torch
+from swin_lightning import load_model
+from swin_lightning.{module} import {cls}
+model = {cls}.load_from_checkpoint(sys.argv[1], weights_only=True).eval()
+x = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save({{"module": model.net(x), "load_model": load_model(sys.argv[1]).net(x)}}, sys.argv[3])
+"""
+
+
+def load_elsewhere(module: str, cls: str, ckpt, x: torch.Tensor, folder) -> dict:
+    """``cls.load_from_checkpoint(ckpt)`` and ``load_model(ckpt)`` on ``x`` in a new Python
+    process, in a folder with no config: what each gives."""
+    torch.save(x, folder / "x.pt")
+    code = LOAD_IN_A_NEW_PROCESS.format(module=module, cls=cls)
+    done = subprocess.run([sys.executable, "-c", code, str(ckpt), "x.pt", "out.pt"], cwd=folder,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(folder / "out.pt", weights_only=True)

@@ -9,7 +9,7 @@ import torch
 
 from swin_lightning.models import SwinTransformer, create_model, load_pretrained
 from swin_lightning.simmim import SimMIM, random_block_mask, reconstruction_loss
-from tests.conftest import CONFIGS, run_cli
+from tests.conftest import CONFIGS, load_elsewhere, run_cli
 from tests.test_equivalence import to_official_layout
 
 DEMO_NET = dict(patch_size=2, embed_dim=48, depths=[2, 2], num_heads=[3, 6], window_size=4)
@@ -135,6 +135,13 @@ def test_pretraining_run_logs_loss_images_and_loads_into_a_classifier(in_tmp, ca
     assert [g.step for g in grids] == [0, 1]  # one grid a validation epoch
     checkpoints = sorted((run_dir / "checkpoints").glob("epoch*-loss_*.ckpt"))
     assert checkpoints, "the best-loss checkpoint is kept"
+
+    # The checkpoint alone rebuilds the module in a new process: the same encoder features.
+    x = torch.randn(2, 3, 32, 32)
+    got = load_elsewhere("simmim", "SimMIM", run_dir / "checkpoints" / "last.ckpt", x, in_tmp)
+    with torch.no_grad():
+        want = cli.model.net.eval()(x)
+    assert torch.equal(got["module"], want) and torch.equal(got["load_model"], want)
 
     # The encoder loads into the classifier: no missing key but the fresh head.
     classifier = SwinTransformer(img_size=32, num_classes=7, **DEMO_NET)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -88,6 +89,19 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
         raise NotImplementedError
+
+    def eval_config(self) -> dict[str, Any]:
+        """:meth:`eval_transform` as timm's data config (``input_size``, ``interpolation``,
+        ``mean``, ``std``, ``crop_pct``; ``timm.data.create_transform(**config)`` rebuilds
+        it): checkpoints store it, so a trained model is used without this data module."""
+        interpolation = getattr(self, "interpolation", "bicubic")
+        return {
+            "input_size": [3, self.image_size, self.image_size],
+            "interpolation": "bicubic" if interpolation == "random" else interpolation,
+            "mean": [float(m) for m in self.mean],
+            "std": [float(s) for s in self.std],
+            "crop_pct": float(getattr(self, "crop_pct", 1.0)),
+        }
 
     def finish_images(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         """The last transform steps, run on the device on whole batches (identity here:

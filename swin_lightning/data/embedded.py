@@ -106,6 +106,7 @@ class EmbeddedShapesDataModule(ClassificationDataModule):
     """
 
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    interpolation = "bilinear"  # eval_transform's resize (torchvision's default)
 
     def __init__(
         self,

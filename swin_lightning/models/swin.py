@@ -607,7 +607,11 @@ class SwinTransformer(nn.Module):
         pad_windows: bool = True,
         stem: Stem = "patch",
     ):
+        # The arguments as plain data: checkpoints store them (models/net_spec.py).
+        given = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.init_args = {k: list(v) if isinstance(v, tuple | list) else v
+                          for k, v in given.items()}  # fmt: skip
         img_size = _pair(img_size)
         depths, num_heads = list(depths), list(num_heads)
         validate_architecture(
