@@ -1,4 +1,4 @@
-"""``python -m swin_lightning {fit,validate,test,predict,ablate,tune,bench,pack,export}``."""
+"""``python -m swin_lightning {fit,validate,test,predict,ablate,tune,bench,pack,export,analyze,verify}``."""
 
 import sys
 
@@ -20,6 +20,14 @@ def main() -> None:
         from swin_lightning.export import main as export
 
         sys.exit(export(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "analyze":
+        from swin_lightning.analyze import main as analyze
+
+        sys.exit(analyze(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "verify":
+        from swin_lightning.verify import main as verify
+
+        sys.exit(verify(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "bench":
         from swin_lightning.bench import main as bench
         from swin_lightning.storage import WriteError

@@ -24,6 +24,7 @@ from swin_lightning.optimization import (
     set_flops,
     weight_decay_groups,
 )
+from swin_lightning.tta import TTA, TTA_CHOICES, tta_probs
 
 STAGES = ("train", "val", "test")
 
@@ -66,6 +67,10 @@ class SwinClassifier(SelfContainedCheckpoint, StepScheduledOptimization, L.Light
             block shape is compiled once).
         compile_backend: ``torch.compile``'s backend ('inductor'; 'eager' or 'aot_eager'
             to debug).
+        tta: Test-time augmentation of validate/test/predict (and fit's validation): 'none',
+            'flip' (the image and its mirror image) or 'flip_zoom' (both also zoomed in by
+            15% and centre-cropped), softmax scores averaged (swin_lightning.tta). Not saved
+            in checkpoints: give it when evaluating.
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class SwinClassifier(SelfContainedCheckpoint, StepScheduledOptimization, L.Light
         ] = "default",
         compile_dynamic: bool | None = None,
         compile_backend: str = "inductor",
+        tta: TTA = "none",
     ):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -101,7 +107,11 @@ class SwinClassifier(SelfContainedCheckpoint, StepScheduledOptimization, L.Light
         lr = optimizer.keywords.get("lr") if isinstance(optimizer, functools.partial) else None
         if isinstance(lr, int | float) and not lr > 0:
             raise ValueError(f"model.optimizer.init_args.lr={lr} must be > 0")
-        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
+        # tta is chosen when evaluating (not saved: --ckpt_path would bring back the saved one)
+        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler", "tta"])
+        if tta not in TTA_CHOICES:
+            raise ValueError(f"model.tta={tta!r} is not one of {', '.join(TTA_CHOICES)}")
+        self.tta = tta
         self.net = net
         self.pretrained_report: LoadReport | None = None
         if pretrained:
@@ -207,11 +217,18 @@ class SwinClassifier(SelfContainedCheckpoint, StepScheduledOptimization, L.Light
         # (images, indices) or, from ImageListDataset, (images, indices, read errors)
         images, indices = batch[0], batch[1]
         errors = list(batch[2]) if len(batch) > 2 else [""] * len(indices)
-        return {"indices": indices, "probs": self(images).softmax(dim=-1), "errors": errors}
+        return {"indices": indices, "probs": self.eval_logits(images).softmax(dim=-1),
+                "errors": errors}  # fmt: skip
+
+    def eval_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for evaluation; with ``tta``, the log of the views' mean probabilities."""
+        if self.tta == "none":
+            return self(images)
+        return tta_probs(self, images, self.tta).clamp_min(1e-12).log()
 
     def _eval_step(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         images, targets = batch
-        logits = self(images)
+        logits = self.eval_logits(images)
         self._log_step(stage, self.eval_loss(logits, targets), logits, targets)
 
     def _log_step(self, stage: str, loss: torch.Tensor, logits: torch.Tensor, targets) -> None:

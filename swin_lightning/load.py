@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from swin_lightning.export import ExportError, build_network, data_from_config, run_config
 from swin_lightning.models.net_spec import DATA_KEY, NET_KEY, build_net
 from swin_lightning.protocol import CHECKPOINTS, LAST_CKPT
+from swin_lightning.run_network import ExportError, build_network, data_from_config, run_config
 from swin_lightning.storage import CheckpointError, load_checkpoint
 
 
