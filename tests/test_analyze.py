@@ -90,7 +90,7 @@ def test_flip_tta_leaves_a_flip_symmetric_model_alone_and_moves_a_real_one(run):
                                        num_heads=[1], window_size=4, num_classes=3), tta="flop")  # fmt: skip
 
 
-def test_tta_is_a_test_key_of_the_cli(run, capsys):
+def test_tta_is_a_test_key_of_the_cli(run, in_tmp):
     args = ["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints"
             / "last.ckpt"), "--trainer.logger=false"]  # fmt: skip
     plain = run_cli(*args).trainer.callback_metrics["test/loss"]
