@@ -246,11 +246,13 @@ def analyze(ckpt_path: str | Path, split: str = "val", out: str | Path | None = 
         batch, _ = _samples(dataset, chosen, prepare)
         shown = _show(batch, model.data_config["mean"], model.data_config["std"])
         cam = grad_cam(net, batch, [int(pred[i]) for i in chosen])
-        roll = attention_rollout(net, batch)
+        attention = all(b.mixer == "attention" for stage in net.layers for b in stage.blocks)
+        roll = attention_rollout(net, batch) if attention else cam  # an MLP mixer: no rollout
         images = [im for pair in zip(shown, shown, strict=True) for im in pair]
         overlays = [m for pair in zip(cam, roll, strict=True) for m in pair]
+        second = "rollout" if attention else "Grad-CAM (MLP: no rollout)"
         titles = [t for i in chosen for t in (f"{names[int(targets[i])]}: Grad-CAM",
-                                               f"rollout ({names[int(pred[i])]})")]  # fmt: skip
+                                               f"{second} ({names[int(pred[i])]})")]  # fmt: skip
         _grid(out, "cams.png", images, titles, overlays)
     # Calibration and test-time augmentation.
     ece = expected_calibration_error(probs, targets)

@@ -59,6 +59,9 @@ def _block_matrix(block, x: torch.Tensor) -> torch.Tensor:
     (mean over heads) scattered to grid positions, plus the residual path, rows summing
     to 1."""
     B, H, W, _ = x.shape
+    if getattr(block, "mixer", "attention") != "attention":
+        raise ValueError("attention rollout follows attention weights; this network mixes "
+                         "tokens with an MLP (mixer: mlp): use Grad-CAM")  # fmt: skip
     probs = block.attention_probs(x).mean(dim=2)  # (B, nW, N, N)
     index, Hp, Wp = _window_index(block, H, W)
     full = torch.zeros(B, Hp * Wp, Hp * Wp, dtype=probs.dtype)

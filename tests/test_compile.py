@@ -28,10 +28,12 @@ def train_val_train_val(net, x):
     return graphs
 
 
+@pytest.mark.parametrize("mixer", ["attention", "mlp"])
 @pytest.mark.parametrize("how", ["full", "regional"])
-def test_compile_clean_across_train_and_val(how, dynamo):
+def test_compile_clean_across_train_and_val(how, mixer, dynamo):
     torch.manual_seed(0)
-    net = SwinTransformer(**NET)
+    extra = {"mixer": "mlp", "pos_embed": "none"} if mixer == "mlp" else {}
+    net = SwinTransformer(**NET, **extra)
     keys = list(net.state_dict())
     compile_network(net, how, backend="eager")  # dynamo's tracing, without inductor's codegen
     graphs = train_val_train_val(net, torch.randn(4, 3, 32, 32))

@@ -1,5 +1,6 @@
 """Named Swin shapes: the paper's T/S/B/L at 224 (window 7) and 384 (window 12), CIFAR, and
-Swin V2's T/S/B at 256 (window 8 and 16) with B/L's window-transfer variants (12 -> 16, 24)."""
+Swin V2's T/S/B at 256 (window 8 and 16) with B/L's window-transfer variants (12 -> 16, 24),
+and Swin-MLP's T (C24, C12, C6 at 256, window 8) and B (224, window 7)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ _AT_384 = {"img_size": 384, "window_size": 12}
 _V2 = {"block_norm": "post", "attention": "cosine", "pos_embed": "cpb", "merge_norm": "post"}
 # Weights pretrained at 192 px / window 12 (stage 4: a global 6x6 window), fine-tuned larger.
 _FROM_W12 = {"pretrained_window_size": (12, 12, 12, 6)}
-_IN22K = {"num_classes": 21841}  # the window-12 models are ImageNet-22K pretraining models
+_IN22K = {"num_classes": 21841}
+_MLP = {
+    "mixer": "mlp",
+    "pos_embed": "none",
+}  # the window-12 models are ImageNet-22K pretraining models
 
 PRESETS: dict[str, dict[str, Any]] = {
     "swin_t": {**_T, "img_size": 224, "window_size": 7},
@@ -45,6 +50,31 @@ PRESETS: dict[str, dict[str, Any]] = {
     "swinv2_l_w12to16": {**_L, **_V2, **_FROM_W12, "img_size": 256, "window_size": 16},
     "swinv2_l_w12to24": {**_L, **_V2, **_FROM_W12, "img_size": 384, "window_size": 24},
     "swinv2_cifar": {**_T, **_V2, "img_size": 32, "patch_size": 2, "window_size": 4},
+    # Swin-MLP (the official code's swin_mlp_*): a spatial MLP in the same shifted windows;
+    # c24/c12/c6: 24, 12 or 6 channels per head; swin_mlp_t is c24 (configs/models/swin_mlp_t.yaml).
+    "swin_mlp_t_c24": {
+        **_T,
+        **_MLP,
+        "num_heads": (4, 8, 16, 32),
+        "img_size": 256,
+        "window_size": 8,
+    },
+    "swin_mlp_t_c12": {
+        **_T,
+        **_MLP,
+        "num_heads": (8, 16, 32, 64),
+        "img_size": 256,
+        "window_size": 8,
+    },
+    "swin_mlp_t_c6": {
+        **_T,
+        **_MLP,
+        "num_heads": (16, 32, 64, 128),
+        "img_size": 256,
+        "window_size": 8,
+    },
+    "swin_mlp_t": {**_T, **_MLP, "num_heads": (4, 8, 16, 32), "img_size": 256, "window_size": 8},
+    "swin_mlp_b": {**_B, **_MLP, "num_heads": (4, 8, 16, 32), "img_size": 224, "window_size": 7},
 }
 
 

@@ -45,6 +45,7 @@ PositionBias = Literal["table", "cpb", "none"]
 Attention = Literal["dot", "cosine"]
 NormPlacement = Literal["pre", "post"]
 Stem = Literal["patch", "conv"]
+Mixer = Literal["attention", "mlp"]
 STEM_CHOICES = ("patch", "conv")
 ATTENTION_CHOICES = ("dot", "cosine")
 NORM_PLACEMENTS = ("pre", "post")
@@ -390,19 +391,26 @@ class SwinBlock(nn.Module):
         attention: Attention = "dot",
         norm: NormPlacement = "pre",
         pretrained_window_size: int = 0,
+        mixer: Mixer = "attention",
     ):
         super().__init__()
         self.post_norm = norm == "post"
+        self.mixer = mixer
         self.input_resolution = input_resolution
         self.window_size = tuple(min(r, window_size) for r in input_resolution)
         self.shift_size = tuple(
             window_size // 2 if shift and r > window_size else 0 for r in input_resolution
         )
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(
-            dim, num_heads, self.window_size, qkv_bias, attn_drop, proj_drop, position_bias,
-            attention, (pretrained_window_size, pretrained_window_size),
-        )  # fmt: skip
+        self.num_heads = num_heads
+        if mixer == "mlp":  # Swin-MLP: a spatial MLP per head over each window's tokens
+            tokens = num_heads * self.window_size[0] * self.window_size[1]
+            self.spatial_mlp = nn.Conv1d(tokens, tokens, kernel_size=1, groups=num_heads)
+        else:
+            self.attn = WindowAttention(
+                dim, num_heads, self.window_size, qkv_bias, attn_drop, proj_drop, position_bias,
+                attention, (pretrained_window_size, pretrained_window_size),
+            )  # fmt: skip
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
@@ -415,7 +423,8 @@ class SwinBlock(nn.Module):
         # configured one; other input sizes get theirs built and cached on first use.
         self._mask_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         padded = self.padded_size(*input_resolution)
-        self.register_buffer("attn_mask", self._build_mask(*padded), persistent=False)
+        mask = self._build_mask(*padded) if mixer == "attention" else None
+        self.register_buffer("attn_mask", mask, persistent=False)
 
     @property
     def shifted(self) -> bool:
@@ -460,12 +469,53 @@ class SwinBlock(nn.Module):
         return x[:, :H, :W] if (Hp, Wp) != (H, W) else x
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mixer == "mlp":
+            return self._spatial_mlp(x)
         windows, (Hp, Wp), mask = self.to_windows(x)
         return self.from_windows(self.attn(windows, mask), *x.shape[1:3], Hp, Wp)
 
+    def _mlp_padding(self, H: int, W: int) -> tuple[int, int, int, int]:
+        """Zero padding (top, bottom, left, right) of the MLP mixer: the shifted windows of
+        Swin-MLP are the grid padded by ``window - shift`` before and ``shift`` after (no
+        cyclic roll, so no mask), plus what tiles a grid the window does not divide."""
+        (wh, ww), (sh, sw) = self.window_size, self.shift_size
+        top, left = (wh - sh, ww - sw) if self.shifted else (0, 0)
+        bottom = (sh if self.shifted else 0) + (-H) % wh
+        right = (sw if self.shifted else 0) + (-W) % ww
+        return top, bottom, left, right
+
+    def _spatial_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """Swin-MLP's token mixing: within each (shifted) window, a linear map over the
+        window's tokens per head (a grouped 1x1 convolution), as the official code."""
+        B, H, W, C = x.shape
+        top, bottom, left, right = self._mlp_padding(H, W)
+        if top or bottom or left or right:
+            x = F.pad(x, (0, 0, left, right, top, bottom))
+        Hp, Wp = x.shape[1:3]
+        windows = window_partition(x, self.window_size)  # (B, nW, N, C)
+        nW, N, h = windows.shape[1], windows.shape[2], self.num_heads
+        heads = windows.reshape(B * nW, N, h, C // h).transpose(1, 2).reshape(B * nW, h * N, -1)
+        mixed = self.spatial_mlp(heads).view(B * nW, h, N, C // h).transpose(1, 2)
+        x = window_reverse(mixed.reshape(B, nW, N, C), self.window_size, Hp, Wp)
+        return x[:, top : top + H, left : left + W]
+
+    def spatial_weights(self) -> torch.Tensor:
+        """The MLP mixer's token-mixing weights ``(heads, N, N)``: what it draws as its
+        attention (row: output token, column: input token of the window)."""
+        N = self.window_size[0] * self.window_size[1]
+        return self.spatial_mlp.weight.detach().view(self.num_heads, N, N)
+
     @torch.no_grad()
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention weights ``(B, nW, heads, N, N)`` for the block's input ``x`` (pictures)."""
+        """Attention weights ``(B, nW, heads, N, N)`` for the block's input ``x`` (pictures);
+        the MLP mixer's weights are the same for every image and window: its
+        :meth:`spatial_weights`, softmax-normalised per row for display."""
+        if self.mixer == "mlp":
+            B = x.shape[0]
+            nW = math.prod(-(-(r + (w if self.shifted else 0)) // w)
+                           for r, w in zip(x.shape[1:3], self.window_size, strict=True))  # fmt: skip
+            weights = self.spatial_weights().softmax(dim=-1)
+            return weights.expand(B, nW, *weights.shape)
         windows, _, mask = self.to_windows(x if self.post_norm else self.norm1(x))
         return self.attn.attention_probs(windows, mask)
 
@@ -501,6 +551,7 @@ class SwinStage(nn.Module):
         merge_norm: NormPlacement = "pre",
         pretrained_window_size: int = 0,
         grad_checkpointing: bool = False,
+        mixer: Mixer = "attention",
     ):
         super().__init__()
         self.grad_checkpointing = grad_checkpointing
@@ -526,6 +577,7 @@ class SwinStage(nn.Module):
                     attention=attention,
                     norm=block_norm,
                     pretrained_window_size=pretrained_window_size,
+                    mixer=mixer,
                 )
                 for i in range(depth)
             ]
@@ -579,6 +631,11 @@ class SwinTransformer(nn.Module):
         grad_checkpointing: Recompute blocks in the backward pass to save activation memory.
         pad_windows: Zero-pad a stage resolution the window does not tile (False: reject
             such an img_size at construction, as the paper's classification code does).
+        mixer: How tokens of a window are mixed: 'attention' (W-MSA / SW-MSA) or 'mlp'
+            (Swin-MLP, the official code's second model: a spatial MLP per head over each
+            window's tokens, shifted windows by zero padding). With 'mlp' the attention-only
+            settings must stay at their defaults (attention 'dot', qkv_bias, no 'cpb'); the
+            relative position bias of pos_embed 'rel' does not exist in an MLP.
     """
 
     def __init__(
@@ -606,6 +663,7 @@ class SwinTransformer(nn.Module):
         grad_checkpointing: bool = False,
         pad_windows: bool = True,
         stem: Stem = "patch",
+        mixer: Mixer = "attention",
     ):
         # The arguments as plain data: checkpoints store them (models/net_spec.py).
         given = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -621,6 +679,7 @@ class SwinTransformer(nn.Module):
         pretrained_windows = validate_v2_switches(
             len(depths), pos_embed, attention, block_norm, merge_norm, pretrained_window_size
         )
+        validate_mixer(mixer, pos_embed, attention, qkv_bias)
         self.img_size = img_size
         self.num_classes = num_classes
         self.pos_embed = pos_embed
@@ -649,6 +708,7 @@ class SwinTransformer(nn.Module):
                 position_bias=position_bias_kind(pos_embed), attention=attention,
                 block_norm=block_norm, merge_norm=merge_norm,
                 pretrained_window_size=pretrained_windows[i], grad_checkpointing=grad_checkpointing,
+                mixer=mixer,
             )  # fmt: skip
             stages.append(stage)
             dim, resolution = out_dim, stage.output_resolution
@@ -764,6 +824,23 @@ def validate_v2_switches(
             "leave pretrained_window_size at 0 (V1 tables are resized when loading instead)"
         )
     return sizes
+
+
+def validate_mixer(mixer: str, pos_embed: str, attention: str, qkv_bias: bool) -> None:
+    """Check ``mixer`` and refuse attention-only settings set for the MLP mixer."""
+    if mixer not in ("attention", "mlp"):
+        raise ValueError(f"mixer={mixer!r} is not one of attention, mlp")
+    if mixer != "mlp":
+        return
+    wrong = [f"{k}={v!r}" for k, v, ok in (
+        ("attention", attention, attention == "dot"),
+        ("qkv_bias", qkv_bias, qkv_bias),
+        ("pos_embed", pos_embed, "cpb" not in pos_embed),
+    ) if not ok]  # fmt: skip
+    if wrong:
+        raise ValueError(f"mixer='mlp' has no attention, so {', '.join(wrong)} means nothing "
+                         "for it: leave these at their defaults (pos_embed 'abs' or 'none' "
+                         "for a position encoding)")  # fmt: skip
 
 
 def validate_architecture(
