@@ -201,6 +201,10 @@ def test_export_features_bf16_and_pictures_work_with_the_mlp_mixer(tmp_path):
     from swin_lightning.models.features import SwinFeatures
 
     net = mlp_net()
+    from swin_lightning.models.library_export import NotExpressible, timm_model
+
+    with pytest.raises(NotExpressible, match="timm has no Swin with mixer='mlp'"):
+        timm_model(net)  # no library has Swin-MLP: export refuses in one line
     assert export(net, "pt2", tmp_path / "m.pt2") < 1e-5
     pytest.importorskip("onnxruntime")
     assert export(net, "onnx", tmp_path / "m.onnx") < 1e-4

@@ -23,7 +23,14 @@ _DERIVED = ("relative_position_index", "relative_coords_table", "attn_mask")
 _V1 = {"pos_embed": "rel", "attention": "dot", "block_norm": "pre", "merge_norm": "pre"}
 _V2 = {"pos_embed": "cpb", "attention": "cosine", "block_norm": "post", "merge_norm": "post"}
 # Settings every library's Swin has at this value only.
-_FIXED = {"stem": "patch", "shift": True, "patch_norm": True, "qkv_bias": True, "in_chans": 3}
+_FIXED = {
+    "stem": "patch",
+    "shift": True,
+    "patch_norm": True,
+    "qkv_bias": True,
+    "in_chans": 3,
+    "mixer": "attention",
+}
 
 
 class NotExpressible(ValueError):
