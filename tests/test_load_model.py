@@ -52,8 +52,9 @@ SHAPES = {
         "stem": "conv",
         "shift": False,
     },
+    "mlp mixer": {**SMALL, "img_size": 32, "patch_size": 2, "window_size": 4, "mixer": "mlp",
+                  "pos_embed": "none"},
 }
-
 
 def save_like_lightning(module: L.LightningModule, path) -> None:
     """The checkpoint a Trainer writes for ``module``: weights, hyperparameters, hooks."""
