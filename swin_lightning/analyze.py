@@ -40,7 +40,7 @@ from torchmetrics.classification import (
 )
 
 from swin_lightning.load import find_checkpoint, load_model
-from swin_lightning.run_network import data_from_config, run_config
+from swin_lightning.run_network import ExportError, data_from_config, run_config
 from swin_lightning.storage import CheckpointError, WriteError, atomic_open, save_figure, write_text
 from swin_lightning.tta import views
 
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = analyze(args.ckpt_path, args.split, args.out, args.k, args.cams, args.temperature)
-    except (CheckpointError, FileNotFoundError, WriteError, ValueError) as err:
+    except (CheckpointError, ExportError, FileNotFoundError, WriteError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if not isinstance(err, WriteError) else 1
     print(f"[analyze] {report}")

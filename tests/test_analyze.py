@@ -58,6 +58,16 @@ def test_analyze_writes_its_files_and_the_confusion_matrix_is_a_hand_count(run, 
     assert "analysis/val/top1_tta_flip" in events.Tags()["scalars"]
 
 
+def test_analyze_errors_are_one_line(run, tmp_path, capsys):
+    alone = tmp_path / "alone.ckpt"  # a checkpoint away from its run: no data to analyze
+    alone.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
+    assert main(["--ckpt_path", str(alone)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: no run config")
+    assert main(["--ckpt_path", str(tmp_path / "missing")]) == 2
+    assert "no such checkpoint or run folder" in capsys.readouterr().err
+
+
 def test_expected_calibration_error_equals_a_hand_computed_value():
     # Four predictions with confidences 0.9, 0.8, 0.6 and 0.7, each alone in one of 15 bins.
     probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7]])
