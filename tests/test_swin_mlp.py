@@ -110,6 +110,7 @@ class RetypedSwinMLP:
 
 SHAPES = {  # the official configs' shapes, and a small one with two stages
     "t_c24_256_w8": dict(img_size=256, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[4, 8, 16, 32], window_size=8),
+    "t_c12_256_w8": dict(img_size=256, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[8, 16, 32, 64], window_size=8),
     "t_c6_256_w8": dict(img_size=256, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[16, 32, 64, 128], window_size=8),
     "b_224_w7": dict(img_size=224, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=7),
     "small_64_w4": dict(img_size=64, embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=4),
@@ -143,10 +144,19 @@ def test_equal_to_the_official_swin_mlp(shape, tmp_path):
 
 
 def test_non_square_input_equals_the_reference_too(tmp_path):
-    """A 64x96 image: the reference's loops take any grid the windows tile."""
+    """A 64x96 image (the official code takes an (H, W) img_size; the re-typed reference's
+    loops take any grid the windows tile)."""
     cfg = dict(SHAPES["small_64_w4"])
-    reference = RetypedSwinMLP(num_classes=10, **cfg)
-    torch.save({"model": reference.state}, tmp_path / "swin_mlp.pth")
+    if OFFICIAL:
+        torch.manual_seed(0)
+        reference = official_model(num_classes=10, **{**cfg, "img_size": (64, 96)})
+        for p in reference.parameters():
+            p.data.normal_(0, 0.05)
+        state = reference.state_dict()
+    else:
+        reference = RetypedSwinMLP(num_classes=10, **cfg)
+        state = reference.state
+    torch.save({"model": state}, tmp_path / "swin_mlp.pth")
     ours = SwinTransformer(num_classes=10, mixer="mlp", pos_embed="none",
                            **{**cfg, "img_size": (64, 96)}).eval()  # fmt: skip
     load_pretrained(ours, tmp_path / "swin_mlp.pth")
