@@ -20,6 +20,7 @@ from swin_lightning.bench import (
     train_flops_per_image,
 )
 from swin_lightning.bench.breakdown import BUCKET_NAMES, bench_breakdown, bucket_of
+from swin_lightning.bench.models import MLP_IMPL
 
 
 def test_interleaved_reports_medians_per_case():
@@ -72,7 +73,8 @@ def test_bench_quick_writes_report(tmp_path):
         ("swinv2_t_256", "swin_lightning"),
         ("swinv2_t_256", "timm"),
         ("swinv2_t_256", "torchvision"),
-    } <= impls
+        ("cifar_32", MLP_IMPL),  # the MLP mixer at the V1 shapes (no V2 Swin-MLP exists)
+    } <= impls and ("swinv2_t_256", MLP_IMPL) not in impls
     assert all(r["train_img_s"] > 0 and r["fwd_img_s"] > 0 for r in results["models"])
     assert all(r["mfu"] > 0 for r in results["models"])
     assert {r["variant"] for r in results["models"]} == {"fp32", "bf16"}  # bf16 rows on CPU
@@ -135,7 +137,7 @@ def test_gpu_variants_run_on_the_cpu_too():
     # The GPU report's bf16 and channels-last rows, exercised here at a tiny size.
     variant = Variant("bf16+channels_last", torch.bfloat16, channels_last=True)
     rows = bench_models("cpu", 1, {"cifar_32": 2}, variants=[variant], shapes=["cifar_32"])
-    assert {r["impl"] for r in rows} == {"swin_lightning", "timm", "torchvision"}
+    assert {r["impl"] for r in rows} == {"swin_lightning", "timm", "torchvision", MLP_IMPL}
     assert all(r["variant"] == variant.name and r["train_img_s"] > 0 for r in rows)
     assert next(r for r in rows if r["impl"] == "timm")["train_vs_timm"] == 1.0
 
@@ -146,7 +148,8 @@ def test_gpu_rows_compiled_against_compiled_with_mfu():
     variant = next(v for v in GPU_VARIANTS if v.compile)
     rows = bench_models("cpu", 1, {"cifar_32": 2}, variants=[variant], shapes=["cifar_32"],
                         peak=1.0, compile_backend="eager")  # fmt: skip
-    assert {r["impl"] for r in rows} == {"swin_lightning (compiled)", "timm (compiled)"}
+    assert {r["impl"] for r in rows} == {"swin_lightning (compiled)", "timm (compiled)",
+                                         f"{MLP_IMPL} (compiled)"}  # fmt: skip
     flops = train_flops_per_image("cifar", 32)
     for r in rows:
         assert r["mfu"] == pytest.approx(flops * r["train_img_s"] / 1e12)

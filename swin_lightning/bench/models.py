@@ -19,7 +19,8 @@ def build_model(impl: str, shape: str) -> nn.Module:
 
     Shapes: 'swin_t' (V1 Swin-T, 224), 'cifar' (V1 Swin-T widths, 2x2 patches, window 4) and
     'swinv2_t' (Swin V2-T, 256, window 8: timm's swinv2_tiny_window8_256, torchvision's
-    swin_v2_t).
+    swin_v2_t). ``MLP_IMPL`` is the project's network of a V1 shape with the MLP mixer
+    (``mixer: mlp``), which no other library has.
     """
     import timm
 
@@ -27,8 +28,10 @@ def build_model(impl: str, shape: str) -> nn.Module:
 
     cifar = shape == "cifar"
     kwargs = {"num_classes": 10 if cifar else 1000}
-    if impl == "swin_lightning":
+    if impl in ("swin_lightning", MLP_IMPL):
         name = {"cifar": "swin_cifar", "swin_t": "swin_t", "swinv2_t": "swinv2_t"}[shape]
+        if impl == MLP_IMPL:  # the same network with Swin-MLP's token mixer (V1 shapes)
+            kwargs.update(mixer="mlp", pos_embed="none")
         return create_model(name, drop_path_rate=0.0, **kwargs)
     if impl == "timm":
         if shape == "swinv2_t":
@@ -70,6 +73,12 @@ SHAPES = {
     "swinv2_t_256": ("swinv2_t", 256),
 }
 IMPLS = ("swin_lightning", "timm", "torchvision")
+MLP_IMPL = "swin_lightning (mlp mixer)"
+
+
+def impls_of(shape: str) -> tuple[str, ...]:
+    """The implementations timed at a shape: the MLP mixer row at the V1 shapes."""
+    return (*IMPLS, MLP_IMPL) if shape in ("swin_t", "cifar") else IMPLS
 
 
 def step_fns(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None):
@@ -137,11 +146,13 @@ def peak_tflops(device: str, override: float | None = None) -> float | None:
     return GPU_PEAK_BF16_TFLOPS[max(known, key=len)] if known else None
 
 
-def train_flops_per_image(shape: str, size: int) -> int:
-    """Model FLOPs of one training image: forward + backward, counted as 3x the forward."""
+def train_flops_per_image(shape: str, size: int, impl: str = "swin_lightning") -> int:
+    """Model FLOPs of one training image: forward + backward, counted as 3x the forward (the
+    MLP mixer's own; the other implementations compute the project's network)."""
     from swin_lightning.models import count_flops
 
-    return 3 * count_flops(build_model("swin_lightning", shape), (3, size, size))
+    network = MLP_IMPL if impl.startswith(MLP_IMPL) else "swin_lightning"
+    return 3 * count_flops(build_model(network, shape), (3, size, size))
 
 
 def peak_cuda_mb(step: Callable[[], None]) -> float | None:
@@ -178,17 +189,18 @@ def bench_models(
     rows = []
     for shape_name in shapes or SHAPES:
         shape, size = SHAPES[shape_name]
-        flops = train_flops_per_image(shape, size) if peak else None
+        flops = {i: train_flops_per_image(shape, size, i) for i in impls_of(shape)} if peak else {}
         batch = batches[shape_name]
         torch.manual_seed(0)
         x = torch.randn(batch, 3, size, size, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
         for variant in variants:
             fmt = torch.channels_last if variant.channels_last else torch.contiguous_format
+            impls = impls_of(shape)
             models = {
-                impl: build_model(impl, shape).to(device, memory_format=fmt) for impl in IMPLS
+                impl: build_model(impl, shape).to(device, memory_format=fmt) for impl in impls
             }
-            inputs = {impl: x.contiguous(memory_format=fmt) for impl in IMPLS}
+            inputs = {impl: x.contiguous(memory_format=fmt) for impl in impls}
             if variant.compile:
                 del models["torchvision"]
                 for model in models.values():
@@ -211,7 +223,7 @@ def bench_models(
                         "train_vs_timm": train["timm"] / train[impl],
                         "fwd_vs_timm": fwd["timm"] / fwd[impl],
                         "peak_mb": memory[impl],
-                        "mfu": flops * train_img_s / (peak * 1e12) if peak else None,
+                        "mfu": flops[impl] * train_img_s / (peak * 1e12) if peak else None,
                     }
                 )
             del models, fns

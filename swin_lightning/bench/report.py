@@ -57,6 +57,10 @@ def table_models(args: argparse.Namespace, out_dir: Path) -> tuple[list[str], An
     md = [
         "## 1. Model throughput (images/s; ratio = project / timm)",
         "",
+        "`swin_lightning (mlp mixer)`: the same network with Swin-MLP's spatial MLP in place of"
+        " window attention (`model.net.mixer: mlp`; fewer parameters and FLOPs, so its ratio to"
+        " timm's attention model is a speed-up of the architecture, not of the code).",
+        "",
         *(
             [f"MFU: model FLOPs per training image (3x forward) x images/s / {peak:g} TFLOP/s."]
             if peak
