@@ -119,13 +119,13 @@ def select(statuses: list[RunStatus], retry_failed: bool) -> tuple[list[Run], li
 def report_experiment(experiment: Experiment, statuses: list[RunStatus]) -> Path:
     """Write the report of the finished runs (the others are listed with their state) and
     print each variant's line of it."""
-    current: dict[str, list[Path]] = {}
+    current = finished_run_dirs(statuses)
     failed: dict[str, list[str]] = {}
     notes = []
     for s in statuses:
         if s.state == "finished":
-            current.setdefault(s.run.variant, []).append(s.run.dir)
-        elif s.state == "failed":
+            continue
+        if s.state == "failed":
             failed.setdefault(s.run.variant, []).append(str(s.run.seed))
         else:
             notes.append(f"{s.run.variant} seed {s.run.seed}: {s.state}")
@@ -227,10 +227,10 @@ def _show_status(argv: list[str]) -> int:
     return 0
 
 
-def finished_run_dirs(experiment: Experiment) -> dict[str, list[Path]]:
-    """The finished runs of the experiment's last launch, by variant."""
+def finished_run_dirs(statuses: list[RunStatus]) -> dict[str, list[Path]]:
+    """The folders of the finished runs among ``statuses``, by variant."""
     current: dict[str, list[Path]] = {}
-    for s in (read_status(r, progress=False) for r in experiment.runs):
+    for s in statuses:
         if s.state == "finished":
             current.setdefault(s.run.variant, []).append(s.run.dir)
     return current
@@ -257,7 +257,9 @@ def _write_report(argv: list[str]) -> int:
         return 0
     others = [Experiment.load(campaign_dir(o, args.log_dir, "experiment.json"))
               for o in args.compare]  # fmt: skip
-    table = [(e.dir, e.reference, e.variants, finished_run_dirs(e)) for e in [experiment, *others]]
+    table = [(e.dir, e.reference, e.variants,
+              finished_run_dirs([read_status(r, progress=False) for r in e.runs]))
+             for e in [experiment, *others]]  # fmt: skip
     print(f"[ablate] comparison: {write_comparison(table, alpha, metric)}")
     return 0
 

@@ -40,7 +40,7 @@ from torchmetrics.classification import (
 )
 
 from swin_lightning.load import find_checkpoint, load_model
-from swin_lightning.run_network import ExportError, data_from_config, run_config
+from swin_lightning.run_network import ExportError, datamodule_from_config, run_config
 from swin_lightning.storage import CheckpointError, WriteError, atomic_open, save_figure, write_text
 from swin_lightning.tta import views
 
@@ -94,11 +94,8 @@ def predict_split(net: torch.nn.Module, loader, prepare) -> SplitPredictions:
 
 
 def _datamodule(config: dict[str, Any]):
-    import importlib
-
-    data = config.get("data") or {}
-    module, _, name = str(data.get("class_path", "")).rpartition(".")
-    datamodule = getattr(importlib.import_module(module), name)(**(data.get("init_args") or {}))
+    """The run's data module, loading in this process (no worker processes)."""
+    datamodule = datamodule_from_config(config)
     datamodule.num_workers = 0
     return datamodule
 
@@ -206,7 +203,7 @@ def analyze(ckpt_path: str | Path, split: str = "val", out: str | Path | None = 
         raise CheckpointError(f"{ckpt} is a SimMIM encoder (no classes): analyze a classifier")
     config = run_config(ckpt, None)
     datamodule = _datamodule(config)
-    names = model.classes or list(data_from_config(config)["classes"])
+    names = model.classes or [str(c) for c in datamodule.classes]
     loader, prepare, dataset = _loader(datamodule, split)
     preds = predict_split(net, loader, prepare)
     n_classes = preds.logits.shape[1]

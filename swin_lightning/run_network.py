@@ -83,22 +83,25 @@ def network_of_checkpoint(
     return _loaded(init_args, _weights_of(checkpoint["state_dict"]))
 
 
-def data_from_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The data record of a run (evaluation transform, class names) from its data module
-    built as configured: for checkpoints written before they held it."""
+def datamodule_from_config(config: dict[str, Any]):
+    """The run's data module, built as its config says (one of swin_lightning's classes)."""
     import importlib
 
     data = config.get("data") or {}
     module, _, name = str(data.get("class_path", "")).rpartition(".")
     if not module.startswith("swin_lightning.data"):
         raise CheckpointError(f"the run's data class {data.get('class_path')!r} is not one of "
-                              "swin_lightning's: its evaluation transform is unknown")  # fmt: skip
+                              "swin_lightning's")  # fmt: skip
     try:
-        datamodule = getattr(importlib.import_module(module), name)(**(data.get("init_args") or {}))
+        return getattr(importlib.import_module(module), name)(**(data.get("init_args") or {}))
     except (OSError, ValueError, TypeError) as err:
-        raise CheckpointError(f"the run's data module cannot be built here ({err}); its "
-                              "evaluation transform comes from it") from None  # fmt: skip
-    return data_record(datamodule)
+        raise CheckpointError(f"the run's data module cannot be built here ({err})") from None
+
+
+def data_from_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The data record of a run (evaluation transform, class names) from its data module
+    built as configured: for checkpoints written before they held it."""
+    return data_record(datamodule_from_config(config))
 
 
 def check_weights(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -41,12 +42,13 @@ class Problem:
         return f"{self.kind}: {self.path}: {self.detail}"
 
 
-def check_image(path: Path) -> Problem | None:
-    """The problem of one image file, or None when it decodes fully as RGB."""
-    if path.stat().st_size == 0:
+def check_image(path: Path, data: bytes) -> Problem | None:
+    """The problem of one image file (its bytes ``data``), or None when it decodes fully as
+    RGB."""
+    if not data:
         return Problem(path, "empty", "zero bytes")
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             mode = image.mode
             image.load()  # decodes every pixel: a file cut short fails here
     except Image.UnidentifiedImageError:
@@ -91,11 +93,12 @@ def verify_tree(root: str | Path, splits: tuple[str, ...] = DEFAULT_SPLITS) -> T
                                         f"is not one of {', '.join(IMAGE_SUFFIXES)}"))  # fmt: skip
                 continue
             counts[split][path.relative_to(root / split).parts[0]] += 1
-            problem = check_image(path)
+            data = path.read_bytes()  # read once: decoded and hashed
+            problem = check_image(path, data)
             if problem is not None:
                 problems.append(problem)
-            if path.stat().st_size:
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if data:
+                digest = hashlib.sha256(data).hexdigest()
                 other = first_seen.setdefault(digest, path)
                 if other != path and other.relative_to(root).parts[0] != split:
                     problems.append(Problem(path, "duplicate", f"same content as {other}"))

@@ -221,3 +221,14 @@ def load_elsewhere(module: str, cls: str, ckpt, x: torch.Tensor, folder) -> dict
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(folder / "out.pt", weights_only=True)
+
+
+def save_like_lightning(module, path, **extra) -> None:
+    """The checkpoint a Trainer writes for ``module`` (weights, hyperparameters, its
+    on_save_checkpoint entries), plus ``extra`` entries, without training."""
+    import lightning as L
+
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                  "pytorch-lightning_version": L.__version__, "global_step": 0, "epoch": 0}  # fmt: skip
+    module.on_save_checkpoint(checkpoint)
+    torch.save({**checkpoint, **extra}, path)

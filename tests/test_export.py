@@ -16,7 +16,7 @@ import yaml
 from swin_lightning.export import build_network, main, run_config
 from swin_lightning.models.net_spec import DATA_KEY, NET_KEY
 from swin_lightning.storage import load_checkpoint
-from tests.conftest import CONFIGS, REPO, TINY_DEMO, load_elsewhere, run_cli
+from tests.conftest import CONFIGS, REPO, TINY_DEMO, load_elsewhere, run_cli, save_like_lightning
 
 ort = pytest.importorskip("onnxruntime", reason="the export extra is in dev; CI installs it")
 
@@ -157,8 +157,6 @@ V2 = {"block_norm": "post", "attention": "cosine", "pos_embed": "cpb", "merge_no
 
 def v2_checkpoint(folder, **switches):
     """A self-contained checkpoint of a small Swin V2 classifier (random weights)."""
-    import lightning as L
-
     from swin_lightning.classifier import SwinClassifier
     from swin_lightning.models import SwinTransformer
 
@@ -167,15 +165,11 @@ def v2_checkpoint(folder, **switches):
                           num_heads=[1, 2], window_size=4, num_classes=3, **{**V2, **switches})  # fmt: skip
     for p in net.parameters():  # away from the initialization, so every weight shows
         p.data.normal_(0, 0.2)
-    model = SwinClassifier(net)
-    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                  "pytorch-lightning_version": L.__version__, "global_step": 0, "epoch": 0}  # fmt: skip
-    model.on_save_checkpoint(checkpoint)
-    checkpoint[DATA_KEY] = {"eval_transform": {"input_size": [3, 32, 32], "interpolation":
-                            "bicubic", "mean": [0.5] * 3, "std": [0.25] * 3, "crop_pct": 1.0},
-                            "classes": ["cat", "dog", "emu"]}  # fmt: skip
     path = folder / "v2.ckpt"
-    torch.save(checkpoint, path)
+    data = {"eval_transform": {"input_size": [3, 32, 32], "interpolation": "bicubic",
+                               "mean": [0.5] * 3, "std": [0.25] * 3, "crop_pct": 1.0},
+            "classes": ["cat", "dog", "emu"]}  # fmt: skip
+    save_like_lightning(SwinClassifier(net), path, **{DATA_KEY: data})
     return path, net.eval()
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
@@ -13,6 +12,7 @@ from swin_lightning.models import SwinTransformer
 from swin_lightning.models.net_spec import DATA_KEY, NET_KEY, build_net, net_spec
 from swin_lightning.simmim import SimMIM
 from swin_lightning.storage import CheckpointError
+from tests.conftest import save_like_lightning
 
 SMALL = {"embed_dim": 16, "depths": [2, 2], "num_heads": [1, 2], "num_classes": 5}
 # fmt: off
@@ -55,14 +55,6 @@ SHAPES = {
     "mlp mixer": {**SMALL, "img_size": 32, "patch_size": 2, "window_size": 4, "mixer": "mlp",
                   "pos_embed": "none"},
 }
-
-def save_like_lightning(module: L.LightningModule, path) -> None:
-    """The checkpoint a Trainer writes for ``module``: weights, hyperparameters, hooks."""
-    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                  "pytorch-lightning_version": L.__version__, "global_step": 0, "epoch": 0}  # fmt: skip
-    module.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, path)
-
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_load_from_checkpoint_needs_no_config_for_every_switch(shape, tmp_path):

@@ -113,9 +113,7 @@ def pack_split(
     bad_dir.mkdir(parents=True, exist_ok=True)
     log = out.parent / f".pack_{out.name}.log"
     if (out / "index.json").is_file() and not checkpoint.is_file():
-        return _verified(
-            split_dir, out, classes, items, bad_dir
-        )  # packed before a later split failed
+        return _verified(split_dir, out, classes, items, bad_dir, log)  # packed earlier
     # litdata sets the process-wide start method; put it back, so DataLoaders started later
     # in this process keep theirs (fork on Linux: workers up in milliseconds, not seconds).
     start_method = multiprocessing.get_start_method(allow_none=True)
@@ -141,17 +139,22 @@ def pack_split(
         multiprocessing.set_start_method(start_method, force=True)
     if (out / "index.json").is_file():
         log.unlink(missing_ok=True)
-    return _verified(split_dir, out, classes, items, bad_dir)
+    return _verified(split_dir, out, classes, items, bad_dir, log)
 
 
 def _verified(
-    split_dir: Path, out: Path, classes: list[str], items: list[tuple[str, int]], bad_dir: Path
+    split_dir: Path,
+    out: Path,
+    classes: list[str],
+    items: list[tuple[str, int]],
+    bad_dir: Path,
+    log: Path,
 ) -> tuple[list[str], Counter, list[str]]:
     """The packed split read back and checked against the tree (per class)."""
     if not (out / "index.json").is_file():
         raise PackError(
             f"packing {split_dir} wrote no index to {out}: its packing processes failed (see "
-            f"{out.parent / f'.pack_{out.name}.log'}); fix the cause and run pack again"
+            f"{log}); fix the cause and run pack again"
         )
     bad = sorted(
         {line.split("\t")[0] for f in bad_dir.glob("*.txt") for line in f.read_text().splitlines()}

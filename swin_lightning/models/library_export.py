@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from swin_lightning.models.swin import SwinTransformer
+from swin_lightning.models.swin import SwinTransformer, validate_v2_switches
 
 LIBRARIES = ("timm", "torchvision", "hf")
 _DERIVED = ("relative_position_index", "relative_coords_table", "attn_mask")
@@ -46,9 +46,7 @@ def swin_version(net: SwinTransformer, library: str) -> int:
                                  f"{key}={value!r}): export it as onnx or pt2 instead")  # fmt: skip
     switches = {k: args.get(k, _V1[k]) for k in _V1}
     for version, values in ((1, _V1), (2, _V2)):
-        if switches == values:
-            if version == 1 and any(_pair_list(args.get("pretrained_window_size", 0))):
-                break
+        if switches == values:  # (a V1 network has no pretrained window: the model refuses it)
             return version
     shown = ", ".join(f"{k}={v!r}" for k, v in switches.items())
     raise NotExpressible(
@@ -61,8 +59,13 @@ def _settings(values: dict[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
-def _pair_list(value: int | Sequence[int]) -> list[int]:
-    return [value] if isinstance(value, int) else list(value)
+def _pretrained_windows(args: dict[str, Any]) -> list[int]:
+    """The network's pretrained window size per stage (0: its own), as the model reads it."""
+    return validate_v2_switches(
+        len(args["depths"]), args.get("pos_embed", "rel"), args.get("attention", "dot"),
+        args.get("block_norm", "pre"), args.get("merge_norm", "pre"),
+        args.get("pretrained_window_size", 0),
+    )  # fmt: skip
 
 
 def _weights(net: SwinTransformer) -> dict[str, torch.Tensor]:
@@ -98,10 +101,7 @@ def timm_model(net: SwinTransformer) -> tuple[nn.Module, str, dict[str, Any]]:
         "mlp_ratio": args["mlp_ratio"], "num_classes": net.num_classes,
     }  # fmt: skip
     if version == 2:
-        sizes = _pair_list(args.get("pretrained_window_size", 0))
-        model_args["pretrained_window_sizes"] = (
-            sizes * len(args["depths"]) if len(sizes) == 1 else sizes
-        )
+        model_args["pretrained_window_sizes"] = _pretrained_windows(args)
     model = timm.create_model(arch, pretrained=False, **model_args)
     weights = {re.sub(r"^head\.", "head.fc.", k): v for k, v in _weights(net).items()}
     return _fill(model, weights), arch, model_args
@@ -113,7 +113,7 @@ def torchvision_kwargs(net: SwinTransformer) -> tuple[int, dict[str, Any]]:
     with its V2 block and merging, which :func:`torchvision_model` adds)."""
     version = swin_version(net, "torchvision")
     args = net.init_args
-    if version == 2 and any(_pair_list(args.get("pretrained_window_size", 0))):
+    if version == 2 and any(_pretrained_windows(args)):
         raise NotExpressible("torchvision's Swin V2 has no pretrained_window_size (window "
                              "transfer): export it as timm or hf instead")  # fmt: skip
     return version, {
@@ -181,9 +181,9 @@ def hf_model(net: SwinTransformer, classes: Sequence[str] = ()) -> nn.Module:
         model = transformers.SwinForImageClassification(transformers.SwinConfig(**common))
         prefix = "swin."
     else:
-        sizes = _pair_list(args.get("pretrained_window_size", 0))
-        sizes = sizes * len(args["depths"]) if len(sizes) == 1 else sizes
-        config = transformers.Swinv2Config(**common, pretrained_window_sizes=sizes)
+        config = transformers.Swinv2Config(
+            **common, pretrained_window_sizes=_pretrained_windows(args)
+        )
         model = transformers.Swinv2ForImageClassification(config)
         prefix = "swinv2."
     own = set(model.state_dict())

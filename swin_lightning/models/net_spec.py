@@ -75,15 +75,12 @@ class SelfContainedCheckpoint:
 
     net: nn.Module
 
-    def _save_net_spec(self, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[NET_KEY] = net_spec(self.net)
         trainer = getattr(self, "_trainer", None)
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "eval_config"):
             checkpoint[DATA_KEY] = data_record(datamodule)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._save_net_spec(checkpoint)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):  # type: ignore[override]
